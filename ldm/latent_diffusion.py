@@ -1,0 +1,190 @@
+"""Inference-only LatentDiffusion: UNet + VAE + text conditioning + the noise schedule buffers.
+
+Built explicitly from a typed ``DiffusionConfig``; the original yaml's ``model.params`` block is
+one way to make that config (``LatentDiffusion(**params)``, which is what
+``instantiate_from_config`` calls). The original public API is kept: ``apply_model``,
+``get_learned_conditioning``, ``decode_first_stage``, ``encode_first_stage``,
+``get_first_stage_encoding``, ``ema_scope``, ``model.diffusion_model``, ``first_stage_model``,
+``cond_stage_model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ldm.config_utils import take_params, to_plain
+from ldm.schedule import BUFFER_NAMES, make_betas, schedule_buffers
+from ldm.text_encoder import FrozenOpenCLIPEmbedder, TextConfig
+from ldm.unet import UNetConfig, UNetModel
+from ldm.vae import AutoencoderKL, DiagonalGaussianDistribution, VAEConfig
+
+UNET_TARGETS = {"ldm.modules.diffusionmodules.openaimodel.UNetModel", "ldm.unet.UNetModel"}
+VAE_TARGETS = {"ldm.models.autoencoder.AutoencoderKL", "ldm.vae.AutoencoderKL"}
+TEXT_TARGETS = {"ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder", "ldm.text_encoder.FrozenOpenCLIPEmbedder"}
+LAYOUTS = ("original", "native_mha")
+
+_IGNORED = {"base_learning_rate", "num_timesteps_cond", "log_every_t", "first_stage_key", "cond_stage_key",
+            "cond_stage_trainable", "monitor", "use_ema", "scale_by_std", "ckpt_path", "ignore_keys",
+            "load_only_unet", "loss_type", "original_elbo_weight", "l_simple_weight", "learn_logvar", "logvar_init",
+            "use_positional_encodings", "clip_denoised", "v_posterior", "concat_mode", "cond_stage_forward",
+            "make_it_fit", "reset_ema", "reset_num_ema_updates", "unet_trainable", "scheduler_config",
+            "lr_scheduler_config", "force_null_conditioning", "image_size", "channels"}
+_KNOWN = {"linear_start", "linear_end", "timesteps", "beta_schedule", "cosine_s", "parameterization",
+          "scale_factor", "conditioning_key", "unet_config", "first_stage_config", "cond_stage_config",
+          "checkpoint_layout"}
+
+
+def _sub(owner: str, node: dict, targets: set[str]) -> dict:
+    target = node.get("target")
+    if target not in targets:
+        raise ValueError(f"{owner}: target {target!r} is not supported here (expected one of {sorted(targets)})")
+    return node.get("params") or {}
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    timesteps: int = 1000
+    beta_schedule: str = "linear"
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    cosine_s: float = 8e-3
+    parameterization: str = "eps"
+    scale_factor: float = 0.18215
+    checkpoint_layout: str = "original"
+
+    @classmethod
+    def from_params(cls, params: dict) -> "DiffusionConfig":
+        """Map the original yaml's ``model.params``; unknown keys are errors, training-only keys are ignored."""
+        p = take_params("LatentDiffusion", to_plain(params), _IGNORED, {"conditioning_key": "crossattn"},
+                        known=_KNOWN)
+        param = p.get("parameterization", "eps")
+        if param not in ("eps", "v"):
+            raise ValueError(f"LatentDiffusion: parameterization={param!r} is not supported (eps or v)")
+        layout = p.get("checkpoint_layout", "original")
+        if layout not in LAYOUTS:
+            raise ValueError(f"LatentDiffusion: checkpoint_layout={layout!r} (expected one of {LAYOUTS})")
+        return cls(
+            unet=UNetConfig.from_params(_sub("unet_config", p["unet_config"], UNET_TARGETS)),
+            vae=VAEConfig.from_params(_sub("first_stage_config", p["first_stage_config"], VAE_TARGETS)),
+            text=TextConfig.from_params(_sub("cond_stage_config", p["cond_stage_config"], TEXT_TARGETS)),
+            timesteps=p.get("timesteps", 1000), beta_schedule=p.get("beta_schedule", "linear"),
+            linear_start=p.get("linear_start", 1e-4), linear_end=p.get("linear_end", 2e-2),
+            cosine_s=p.get("cosine_s", 8e-3), parameterization=param, scale_factor=p.get("scale_factor", 1.0),
+            checkpoint_layout=layout)
+
+    def betas(self) -> torch.Tensor:
+        """float64 CPU betas of this model's training schedule."""
+        return make_betas(self.beta_schedule, self.timesteps, self.linear_start, self.linear_end, self.cosine_s)
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as ``diffusion_model`` (the checkpoint prefix ``model.diffusion_model.``)."""
+
+    def __init__(self, unet: UNetModel):
+        super().__init__()
+        self.diffusion_model = unet
+        self.conditioning_key = "crossattn"
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_crossattn: list[torch.Tensor]) -> torch.Tensor:
+        context = c_crossattn[0] if len(c_crossattn) == 1 else torch.cat(c_crossattn, 1)
+        return self.diffusion_model(x, t, context)
+
+
+class LatentDiffusion(nn.Module):
+    """Text-to-image latent diffusion for inference (SD 2.x: OpenCLIP text, eps or v prediction)."""
+
+    def __init__(self, cfg: DiffusionConfig | None = None, **params):
+        super().__init__()
+        cfg = cfg if cfg is not None else DiffusionConfig.from_params(params)
+        self.cfg = cfg
+        self.parameterization = cfg.parameterization
+        self.scale_factor = cfg.scale_factor
+        self.num_timesteps = cfg.timesteps
+        self.channels = cfg.unet.in_channels
+        self.model = DiffusionWrapper(UNetModel(cfg.unet))
+        self.first_stage_model = AutoencoderKL(cfg.vae)
+        self.cond_stage_model = FrozenOpenCLIPEmbedder(cfg.text)
+        # Real CPU tables even when the model is built under torch.device("meta"): a checkpoint
+        # without them (they are derived data) still loads.
+        with torch.device("cpu"):
+            for name, value in schedule_buffers(cfg.betas()).items():
+                self.register_buffer(name, value)
+        self.eval()
+        self.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.diffusion_model.time_embed[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.diffusion_model.dtype
+
+    def train(self, mode: bool = True):
+        """Inference only: the model always stays in eval mode (no dropout exists anyway)."""
+        return super().train(False)
+
+    @contextlib.contextmanager
+    def ema_scope(self, context: str | None = None):
+        """No-op: EMA weights, when wanted, are chosen at load time (``load_model(..., ema=True)``)."""
+        yield
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Accepts either checkpoint layout and ignores known training-only entries; see ldm.checkpoint."""
+        from ldm.checkpoint import prepare_state_dict
+        sd = prepare_state_dict(self, state_dict, strict=strict)
+        return super().load_state_dict(sd, strict=strict, assign=assign)
+
+    # ----- the original public API -----
+    @torch.no_grad()
+    def get_learned_conditioning(self, c):
+        """Prompts (list of str) -> (B, 77, D) cross-attention context."""
+        return self.cond_stage_model.encode(c)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond, return_ids: bool = False) -> torch.Tensor:
+        """UNet output (eps or v) for latents x_noisy at integer timesteps t given the text context."""
+        if isinstance(cond, dict):
+            cond = cond["c_crossattn"]
+        if not isinstance(cond, list):
+            cond = [cond]
+        return self.model(x_noisy, t, c_crossattn=cond)
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False):
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior, generator: torch.Generator | None = None):
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample(generator)
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise TypeError(f"encoder_posterior of type {type(encoder_posterior).__name__} is not supported")
+        return self.scale_factor * z
+
+    def _at(self, table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return table.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self._at(self.sqrt_alphas_cumprod, t, x_start) * x_start + \
+            self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+
+    def predict_start_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._at(self.sqrt_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+
+    def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._at(self.sqrt_alphas_cumprod, t, x_t) * v + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
+
+
+__all__ = ["LatentDiffusion", "DiffusionConfig", "DiffusionWrapper", "BUFFER_NAMES"]

@@ -1,0 +1,5 @@
+"""Import path of the original yamls' ``target: ldm.models.autoencoder.AutoencoderKL``."""
+
+from ldm.vae import AutoencoderKL
+
+__all__ = ["AutoencoderKL"]
