@@ -38,8 +38,8 @@ def _safe_globals() -> list:
     try:
         import numpy as np
         core = getattr(np, "_core", None) or np.core
-        allowed += [(core.multiarray.scalar, "numpy.core.multiarray.scalar"), np.dtype,
-                    (np.dtype, "numpy.dtype")]
+        # numpy scalars (e.g. global_step) pickled under numpy 1.x or 2.x module names
+        allowed += [core.multiarray.scalar, (core.multiarray.scalar, "numpy.core.multiarray.scalar"), np.dtype]
         allowed += [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType", "Int32DType")
                     if hasattr(getattr(np, "dtypes", None), n)]
     except ImportError:
