@@ -13,7 +13,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -52,6 +52,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
     A pickle is never allowed to run code: only tensors, containers and a short allow-list of
     globals real SD checkpoints carry are accepted. Nested ``state_dict`` entries are unwrapped.
+    Metadata: the safetensors header's, or for a pickle its non-tensor entries (``global_step``,
+    ``optimizer_states``...) as short text, so that callers can say what they leave behind.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -75,7 +77,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                                   f"(a pickle that could run code); convert it to .safetensors from a trusted source "
                                   f"[{msg}]") from e
         raise CheckpointError(f"not a readable checkpoint: {path} ({msg})") from e
-    return unwrap_state_dict(obj, path), {}
+    return unwrap_state_dict(obj, path), pickle_metadata(obj)
 
 
 def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -87,6 +89,21 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
         return load_file(path, device="cpu"), meta
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"not a readable safetensors file: {path} ({str(e).splitlines()[0]})") from e
+
+
+def pickle_metadata(obj: Any) -> dict[str, str]:
+    """Name -> short text for every non-tensor entry around and inside a pickle's state dict."""
+    meta: dict[str, str] = {}
+    while isinstance(obj, dict):
+        inner = obj.get("state_dict")
+        for k, v in obj.items():
+            if k != "state_dict" and not isinstance(v, torch.Tensor):
+                scalar = isinstance(v, (int, float, str, bool)) or getattr(v, "shape", None) == ()  # numpy too
+                meta[str(k)] = str(v)[:80] if scalar else type(v).__name__
+        if not isinstance(inner, dict):
+            break
+        obj = inner
+    return meta
 
 
 def unwrap_state_dict(obj: Any, path: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -257,22 +274,26 @@ def load_config(config: Any):
 
 
 def load_model(config: Any, ckpt: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, ema: bool = False, attention: str | None = None):
+               dtype: torch.dtype | None = None, ema: bool = False, attention: str | None = None,
+               progress: Callable[[str], None] | None = None):
     """Build on the meta device, load ``ckpt`` (either layout) strictly with assign=True, move once.
 
     Returns (model, LoadReport). ``dtype`` (None keeps the stored dtype) applies to the UNet, VAE and
-    text encoder; the schedule buffers stay float32.
+    text encoder; the schedule buffers stay float32. ``progress(stage)`` is called as each stage ends.
     """
+    step = progress or (lambda stage: None)
     from ldm.attention import set_attention_backend
     from ldm.latent_diffusion import LatentDiffusion
     start = time.perf_counter()
     cfg = load_config(config)
     raw, _ = read_checkpoint(ckpt)
+    step("read")
     layout = detect_layout(raw)
     _, dropped = split_extras(raw)
     with torch.device("meta"):
         model = LatentDiffusion(cfg)
     model.load_state_dict(prepare_state_dict(model, raw, strict=True, ema=ema), strict=True, assign=True)
+    step("load")
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"weights not loaded: {_names(left)}")
@@ -283,5 +304,6 @@ def load_model(config: Any, ckpt: str | os.PathLike, device: str | torch.device 
     if attention is not None:
         set_attention_backend(model, attention)
     model.eval()
+    step("move")
     report = LoadReport(os.fspath(ckpt), layout, layout == "original", dropped, time.perf_counter() - start)
     return model, report

@@ -1,0 +1,257 @@
+"""Text-to-image with the original txt2img.py command line, plus the PyTorch 2 blog's speed flags.
+
+    python scripts/txt2img.py --prompt "A photo" --seed 1 --plms \
+        --config configs/stable-diffusion/v2-inference_native_mha.yaml --ckpt /tmp/model_native_mha.ckpt \
+        --n_iter 2 --n_samples 1 --compile --skip_first
+
+Flags parse here; the work is done by the ldm package. Errors are one line on stderr and exit 1
+(``--debug`` shows the traceback); image files are written atomically, so none is ever partial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from itertools import islice
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, ROOT)
+
+DEMO_CONFIG = os.path.join(ROOT, "configs", "tiny", "v2-tiny.yaml")
+WEIGHTS_HELP = "see README.md, section 'Weights' (checkpoints/README.md lists the files and where to get them)"
+
+
+class UserError(Exception):
+    """A problem with the command line or the inputs, reported as one line."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--prompt", type=str, nargs="?", default="a professional photograph of an astronaut riding a triceratops")
+    p.add_argument("--negative_prompt", type=str, default="", help="the unconditional prompt of classifier-free guidance")
+    p.add_argument("--outdir", type=str, nargs="?", default="outputs/txt2img-samples")
+    p.add_argument("--steps", type=int, default=50, help="number of sampling steps")
+    p.add_argument("--plms", action="store_true", help="use PLMS sampling")
+    p.add_argument("--dpm", action="store_true", help="use the DPM-Solver++ (2M) sampler")
+    p.add_argument("--fixed_code", action="store_true", help="the same starting code for every iteration")
+    p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--n_iter", type=int, default=3, help="sample this often")
+    p.add_argument("--H", type=int, default=None, help="image height in pixels (default 512; 64 with --demo)")
+    p.add_argument("--W", type=int, default=None, help="image width in pixels (default 512; 64 with --demo)")
+    p.add_argument("--C", type=int, default=4, help="latent channels")
+    p.add_argument("--f", type=int, default=8, help="downsampling factor of the VAE")
+    p.add_argument("--n_samples", type=int, default=3, help="batch size: samples per prompt")
+    p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
+    p.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale")
+    p.add_argument("--from-file", type=str, help="read prompts from this file, one per line")
+    p.add_argument("--config", type=str, default="configs/stable-diffusion/v2-inference.yaml")
+    p.add_argument("--ckpt", type=str, help="path to the checkpoint (.ckpt or .safetensors, either layout)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--precision", type=str, choices=["full", "autocast"], default=None,
+                   help="autocast (default on CUDA, as the original) or full (default on CPU)")
+    p.add_argument("--repeat", type=int, default=1, help="repeat each prompt of --from-file this often")
+    p.add_argument("--device", type=str, default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--torchscript", action="store_true", help="not supported: use --compile")
+    p.add_argument("--ipex", action="store_true", help="not supported: use --compile")
+    p.add_argument("--bf16", action="store_true", help="alias of --dtype bf16")
+    # Speed flags of the PyTorch 2 blog and this project.
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (fullgraph)")
+    p.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune"], default="default")
+    p.add_argument("--skip_first", action="store_true", help="one untimed warm-up iteration first")
+    p.add_argument("--time_file", type=str, default=None, help="write the timed runtime (seconds) here")
+    p.add_argument("--disable_math", action="store_true", help="SDPA: disable the math kernel")
+    p.add_argument("--disable_mem_efficient", action="store_true", help="SDPA: disable memory-efficient kernels")
+    p.add_argument("--disable_flash", action="store_true", help="SDPA: disable flash attention")
+    p.add_argument("--attention", choices=["sdpa", "mha", "math", "xformers"], default="sdpa")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights and activations")
+    p.add_argument("--demo", action="store_true", help="tiny random model, no weights needed: the image is noise")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def check_args(opt: argparse.Namespace) -> None:
+    """Reject bad combinations before anything is loaded."""
+    if opt.torchscript or opt.ipex:
+        raise UserError("--torchscript/--ipex are not supported here; use --compile (torch.compile of the UNet)")
+    if opt.plms and opt.dpm:
+        raise UserError("--plms and --dpm are conflicting sampler flags; pick one (DDIM without either)")
+    if opt.plms and opt.ddim_eta != 0:
+        raise UserError("PLMS is deterministic: --ddim_eta must be 0 with --plms")
+    if opt.bf16 and opt.dtype not in (None, "bf16"):
+        raise UserError(f"--bf16 conflicts with --dtype {opt.dtype}")
+    for name in ("steps", "n_iter", "n_samples", "f", "C", "repeat"):
+        if getattr(opt, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    for name in ("H", "W"):
+        v = getattr(opt, name)
+        if v < 8 or v % 8 or v % opt.f:
+            raise UserError(f"--{name} {v} must be a positive multiple of 8 and of the latent factor --f {opt.f}")
+    if not opt.demo and not opt.ckpt:
+        raise UserError(f"--ckpt is required (or try --demo, which needs no weights); {WEIGHTS_HELP}")
+
+
+def read_prompts(opt: argparse.Namespace) -> list[list[str]]:
+    """Batches of prompts, as the original: the prompt n_samples times, or the file's lines chunked."""
+    if not opt.from_file:
+        return [opt.n_samples * [opt.prompt]]
+    if not os.path.isfile(opt.from_file):
+        raise UserError(f"prompt file not found: {opt.from_file}")
+    with open(opt.from_file, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"prompt file {opt.from_file} has no prompts")
+    lines = [p for p in lines for _ in range(opt.repeat)]
+    it = iter(lines)
+    return [list(b) for b in iter(lambda: tuple(islice(it, opt.n_samples)), ())]
+
+
+def build_model(opt, device, dtype):
+    """(model, model name) from --ckpt/--config, or a tiny random model for --demo."""
+    import torch
+    from tqdm import tqdm
+    from ldm.attention import set_attention_backend
+    from ldm.checkpoint import load_model
+    if opt.demo:
+        from omegaconf import OmegaConf
+        from ldm.util import instantiate_from_config
+        torch.manual_seed(opt.seed)
+        model = instantiate_from_config(OmegaConf.load(DEMO_CONFIG).model).to(device=device, dtype=dtype)
+        set_attention_backend(model, opt.attention)
+        return model, "demo-tiny-random"
+    if not os.path.isfile(opt.ckpt):
+        raise UserError(f"checkpoint not found: {opt.ckpt}; {WEIGHTS_HELP}")
+    if not os.path.isfile(opt.config):
+        raise UserError(f"config not found: {opt.config}")
+    with tqdm(total=3, desc="Loading model", unit="stage") as bar:
+        model, report = load_model(opt.config, opt.ckpt, device=device, dtype=dtype, attention=opt.attention,
+                                   progress=lambda stage: bar.update(1))
+    note = " (original layout, converted in memory)" if report.converted else ""
+    print(f"Loaded {opt.ckpt}{note} in {report.seconds:.1f}s", file=sys.stderr)
+    return model, os.path.splitext(os.path.basename(opt.ckpt))[0]
+
+
+def make_sampler(opt, model, device):
+    if opt.plms:
+        from ldm.models.diffusion.plms import PLMSSampler
+        return PLMSSampler(model, device=device), "PLMS"
+    if opt.dpm:
+        from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+        return DPMSolverSampler(model, device=device), "DPM++ 2M"
+    from ldm.models.diffusion.ddim import DDIMSampler
+    return DDIMSampler(model, device=device), "DDIM"
+
+
+def run(opt: argparse.Namespace) -> dict:
+    """Load, (compile,) sample, decode and save; returns the timing summary."""
+    import torch
+    from ldm import images, runtime
+
+    device = runtime.pick_device(opt.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    dtype = runtime.DTYPES[opt.dtype or ("bf16" if opt.bf16 else "fp32")]
+    precision = opt.precision or ("autocast" if device.type == "cuda" else "full")
+    backends = runtime.sdpa_backends(opt.disable_math, opt.disable_mem_efficient, opt.disable_flash)
+    runtime.check_sdpa(backends, device, dtype)
+    batches = read_prompts(opt)
+
+    model, model_name = build_model(opt, device, dtype)
+    sampler, sampler_name = make_sampler(opt, model, device)
+    if opt.compile:
+        runtime.compile_unet(model, opt.compile_mode, device)
+
+    sample_dir = os.path.join(opt.outdir, "samples")
+    os.makedirs(sample_dir, exist_ok=True)
+    shape = [opt.C, opt.H // opt.f, opt.W // opt.f]
+    gen = torch.Generator(device).manual_seed(opt.seed)
+
+    def start_code(n):
+        return torch.randn([n, *shape], generator=gen, device=device)
+
+    def generate(prompts, x_T):
+        uc = None if opt.scale == 1.0 else model.get_learned_conditioning(len(prompts) * [opt.negative_prompt])
+        c = model.get_learned_conditioning(prompts)
+        samples, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=len(prompts), shape=shape,
+                                    verbose=True, unconditional_guidance_scale=opt.scale,
+                                    unconditional_conditioning=uc, eta=opt.ddim_eta, x_T=x_T, generator=gen)
+        return images.to_uint8(model.decode_first_stage(samples))
+
+    all_images, timed, count = [], 0.0, 0
+    index = images.next_index(sample_dir)
+    with torch.no_grad(), runtime.attention_scope(backends), runtime.precision_scope(precision, device, dtype):
+        if opt.skip_first:  # warm-up (compilation happens here), untimed and not saved
+            generate(batches[0], start_code(len(batches[0])))
+            runtime.synchronize(device)
+            gen.manual_seed(opt.seed)  # the saved images do not depend on --skip_first
+        fixed = start_code(opt.n_samples) if opt.fixed_code else None
+        for it in range(opt.n_iter):
+            for prompts in batches:
+                x_T = fixed[: len(prompts)] if fixed is not None else start_code(len(prompts))
+                runtime.synchronize(device)
+                t0 = time.perf_counter()
+                out = generate(prompts, x_T)
+                runtime.synchronize(device)
+                timed += time.perf_counter() - t0
+                for i, (img, prompt) in enumerate(zip(out, prompts)):
+                    text = images.parameters_text(prompt, opt.negative_prompt, opt.steps, sampler_name, opt.scale,
+                                                  opt.seed, opt.W, opt.H, model_name, **{
+                                                      "Batch size": len(prompts), "Batch pos": i, "Iteration": it,
+                                                      "Eta": opt.ddim_eta, "Dtype": str(dtype).split(".")[-1]})
+                    images.save_png(images.to_pil(img), os.path.join(sample_dir, f"{index:05}.png"), text)
+                    index += 1
+                    count += 1
+                all_images.append(out)
+    grid = images.make_grid(torch.cat(all_images), opt.n_rows or opt.n_samples)
+    grid_index = images.next_index(opt.outdir, r"^grid-(\d+)\.png$")
+    grid_path = os.path.join(opt.outdir, f"grid-{grid_index:04}.png")
+    images.save_png(images.to_pil(grid), grid_path, images.parameters_text(
+        batches[0][0], opt.negative_prompt, opt.steps, sampler_name, opt.scale, opt.seed, opt.W, opt.H, model_name))
+    if opt.time_file:
+        with open(opt.time_file, "w") as f:
+            f.write(f"{timed:.6f}\n")
+    return {"seconds": timed, "images": count, "grid": grid_path}
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = parse_args(argv)
+    try:
+        if opt.H is None:
+            opt.H = 64 if opt.demo else 512
+        if opt.W is None:
+            opt.W = 64 if opt.demo else 512
+        check_args(opt)
+        if opt.demo:
+            print("--demo: a tiny model with RANDOM weights; the image will be noise. "
+                  "It checks the pipeline, not the picture.", file=sys.stderr)
+        import torch
+        torch.set_grad_enabled(False)
+        summary = run(opt)
+    except Exception as e:  # one line for users; the traceback with --debug
+        if opt.debug:
+            raise
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return 1
+    s = summary["seconds"]
+    print(f"Sampled {summary['images']} images in {s:.2f}s ({summary['images'] / s if s > 0 else 0.0:.3f} images/s, "
+          f"timed{' after a warm-up iteration' if opt.skip_first else ''}). Samples in {opt.outdir}/samples, "
+          f"grid {summary['grid']}")
+    return 0
+
+
+def describe(e: BaseException) -> str:
+    """A one-line message; out-of-memory says which flags reduce memory."""
+    import torch
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower():
+        return ("out of memory: reduce --n_samples or --H/--W, use --dtype fp16/bf16, and keep the fused SDPA "
+                "kernels (drop --disable_mem_efficient/--disable_flash, --attention math)")
+    if isinstance(e, (UserError, ValueError, FileNotFoundError)):
+        return text
+    return f"{type(e).__name__}: {text} (run with --debug for the traceback)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
