@@ -15,7 +15,8 @@ def _inputs(context_dim: int, hw: int = 8, seed: int = 0):
             torch.randn(2, 77, context_dim, generator=g))
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "mha", "math"])
+@pytest.mark.parametrize("backend", ["sdpa", pytest.param("mha", marks=pytest.mark.slow),
+                                     pytest.param("math", marks=pytest.mark.slow)])
 def test_fullgraph_compile_matches_eager(tiny_model, backend):
     unet = tiny_model.model.diffusion_model
     set_attention_backend(unet, backend)

@@ -1,0 +1,130 @@
+"""scripts/txt2img.py end to end, as a subprocess, on tiny random checkpoints in both layouts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from conftest import ROOT, TINY, build
+from ldm.checkpoint import to_original
+
+SCRIPT = os.path.join(ROOT, "scripts", "txt2img.py")
+NATIVE_CFG = TINY  # the tiny config; layouts are detected from the keys
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    sd = build(TINY, seed=5).state_dict()
+    paths = {"original": str(d / "tiny-original.ckpt"), "native": str(d / "tiny-native.ckpt"),
+             "safetensors": str(d / "tiny-native.safetensors")}
+    torch.save({"state_dict": to_original(sd), "global_step": 1}, paths["original"])
+    torch.save({"state_dict": sd}, paths["native"])
+    save_file({k: v.contiguous() for k, v in sd.items()}, paths["safetensors"])
+    return paths
+
+
+def run(*args, check=True):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"txt2img failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p
+
+
+def pngs(folder):
+    return sorted(f for f in os.listdir(folder) if f.endswith(".png")) if os.path.isdir(folder) else []
+
+
+@pytest.mark.parametrize("sampler,layout", [pytest.param("ddim", "original", marks=pytest.mark.slow),
+                                            ("plms", "native"),
+                                            pytest.param("dpm", "safetensors", marks=pytest.mark.slow)])
+def test_samplers_compiled_with_skip_first(ckpts, tmp_path, sampler, layout):
+    out, tfile = tmp_path / "out", tmp_path / "time.txt"
+    flags = {"ddim": [], "plms": ["--plms"], "dpm": ["--dpm"]}[sampler]
+    p = run("--prompt", "A photo", "--seed", "1", *flags, "--config", NATIVE_CFG, "--ckpt", ckpts[layout],
+            "--n_iter", "2", "--n_samples", "2", "--H", "64", "--W", "48", "--steps", "3", "--compile",
+            "--skip_first", "--time_file", str(tfile), "--outdir", str(out), "--device", "cpu")
+    assert "Sampled 4 images" in p.stdout
+    seconds = float(tfile.read_text())
+    assert seconds > 0
+    files = pngs(out / "samples")
+    assert files == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    img = Image.open(out / "samples" / files[0])
+    assert img.size == (48, 64) and img.mode == "RGB"
+    params = img.text["parameters"]
+    name = {"ddim": "DDIM", "plms": "PLMS", "dpm": "DPM++ 2M"}[sampler]
+    assert params.startswith("A photo\nNegative prompt: \n")
+    for field in ("Steps: 3", f"Sampler: {name}", "CFG scale: 9.0", "Seed: 1", "Size: 48x64",
+                  f"Model: {os.path.splitext(os.path.basename(ckpts[layout]))[0]}"):
+        assert field in params, (field, params)
+    grid = Image.open(out / "grid-0000.png")
+    assert grid.size == (2 + 2 * (48 + 2), 2 + 2 * (64 + 2))  # 2 per row (n_samples), 2 rows
+
+
+def test_layouts_give_identical_images_and_numbering_continues(ckpts, tmp_path):
+    out = tmp_path / "out"
+    common = ["--prompt", "a cat", "--seed", "7", "--n_iter", "1", "--n_samples", "1", "--H", "64", "--W", "64",
+              "--steps", "2", "--config", NATIVE_CFG, "--outdir", str(out)]
+    run(*common, "--ckpt", ckpts["original"])
+    run(*common, "--ckpt", ckpts["safetensors"])
+    files = pngs(out / "samples")
+    assert files == ["00000.png", "00001.png"] and pngs(out) == ["grid-0000.png", "grid-0001.png"]
+    a, b = (Image.open(out / "samples" / f) for f in files)
+    assert a.tobytes() == b.tobytes()
+
+
+def test_prompts_from_file_and_demo(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first\nsecond\nthird\n")
+    out = tmp_path / "out"
+    p = run("--demo", "--from-file", str(prompts), "--n_samples", "2", "--n_iter", "1", "--steps", "2",
+            "--outdir", str(out))
+    assert "RANDOM weights" in p.stderr and "noise" in p.stderr
+    files = pngs(out / "samples")
+    assert len(files) == 3
+    assert Image.open(out / "samples" / files[2]).text["parameters"].startswith("third\n")
+
+
+ERRORS = [
+    (["--ckpt", "/nonexistent/model.ckpt"], "checkpoint not found: /nonexistent/model.ckpt; see README.md"),
+    (["--H", "500"], "--H 500 must be a positive multiple of 8"),
+    (["--W", "60", "--f", "8"], "--W 60 must be a positive multiple of 8"),
+    (["--plms", "--dpm"], "conflicting sampler flags"),
+    (["--plms", "--ddim_eta", "0.5"], "--ddim_eta must be 0 with --plms"),
+    (["--torchscript"], "not supported here; use --compile"),
+    (["--disable_math", "--disable_mem_efficient", "--disable_flash"], "leave no SDPA kernel"),
+    (["--disable_math", "--disable_flash"], "no enabled SDPA kernel"),
+    (["--config", os.path.join(ROOT, "configs", "stable-diffusion", "v2-inference.yaml")],
+     "checkpoint does not match the config"),
+]
+
+
+@pytest.mark.parametrize("extra,message", ERRORS, ids=[m[:30] for _, m in ERRORS])
+def test_errors_are_one_line_and_leave_no_images(ckpts, tmp_path, extra, message):
+    out = tmp_path / "out"
+    args = ["--config", NATIVE_CFG, "--ckpt", ckpts["native"], "--H", "64", "--W", "64", "--steps", "2",
+            "--n_iter", "1", "--n_samples", "1", "--outdir", str(out), *extra]
+    p = run(*args, check=False)
+    assert p.returncode == 1, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip() and "Loading model" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in p.stderr
+    assert pngs(out / "samples") == [] and pngs(out) == []
+
+
+def test_out_of_memory_message_names_the_flags():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import txt2img
+    finally:
+        sys.path.pop(0)
+    msg = txt2img.describe(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert msg.startswith("out of memory") and "--n_samples" in msg and "--disable_mem_efficient" in msg
