@@ -128,3 +128,36 @@ def test_out_of_memory_message_names_the_flags():
         sys.path.pop(0)
     msg = txt2img.describe(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert msg.startswith("out of memory") and "--n_samples" in msg and "--disable_mem_efficient" in msg
+
+
+BLOG = [
+    "--prompt A photo --seed 1 --plms --config configs/stable-diffusion/v2-inference_native_mha.yaml "
+    "--ckpt {ckpt} --n_iter 2 --n_samples 1 --compile --skip_first",
+    "--prompt A photo --seed 1 --plms --config configs/stable-diffusion/v2-inference_native_mha.yaml "
+    "--ckpt {ckpt} --n_iter 2 --n_samples 1 --disable_mem_efficient --disable_flash --skip_first",
+]
+
+
+@pytest.mark.slow
+def test_blog_command_lines_on_a_converted_full_size_sd2(tmp_path):
+    """The blog's two command lines, as written plus --H 256 --W 256 --steps 3, on a random full SD2."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    original, native = tmp_path / "sd2_random.ckpt", tmp_path / "model_native_mha.ckpt"
+    for cmd in (["scripts/make_random_checkpoint.py", str(original), "--seed", "1"],
+                ["scripts/convert_checkpoint.py", str(original), str(native)]):
+        subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, check=True, capture_output=True, timeout=1800)
+    original.unlink()
+    for i, line in enumerate(BLOG):
+        out, tfile = tmp_path / f"out{i}", tmp_path / f"time{i}.txt"
+        args = line.format(ckpt=native).split(" ")
+        args[args.index("A")] = "A photo"
+        args.remove("photo")
+        p = subprocess.run([sys.executable, SCRIPT, *args, "--H", "256", "--W", "256", "--steps", "3",
+                            "--outdir", str(out), "--time_file", str(tfile)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert float(tfile.read_text()) > 0
+        files = pngs(out / "samples")
+        assert len(files) == 2
+        img = Image.open(out / "samples" / files[0])
+        assert img.size == (256, 256) and "Sampler: PLMS" in img.text["parameters"]
