@@ -1,0 +1,95 @@
+"""The original ldm sampler classes' interface (``Sampler(model).sample(S=..., ...)``) over the pure samplers."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ldm.samplers.guidance import CFGDenoiser, Denoiser, StepCallback
+from ldm.samplers.timesteps import alpha_bar_from_betas
+
+
+def model_alpha_bar(model: Any) -> list[float]:
+    """The model's training alpha_bar as float64 Python floats, from its config's betas when it has one."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and hasattr(cfg, "betas"):
+        return alpha_bar_from_betas(cfg.betas())
+    return model.alphas_cumprod.detach().to("cpu", torch.float64).tolist()  # once, at construction
+
+
+def _check_unsupported(quantize_x0: bool, mask: Any, temperature: float, noise_dropout: float, score_corrector: Any,
+                       dynamic_threshold: Any, ucg_schedule: Any) -> None:
+    """The original's editing/correction options are accepted at their defaults only: never silently dropped."""
+    used = {"quantize_x0": bool(quantize_x0), "mask": mask is not None, "temperature": temperature != 1.0,
+            "noise_dropout": noise_dropout > 0, "score_corrector": score_corrector is not None,
+            "dynamic_threshold": dynamic_threshold is not None, "ucg_schedule": ucg_schedule is not None}
+    names = [k for k, v in used.items() if v]
+    if names:
+        raise NotImplementedError(f"sampler options not supported by this inference-only port: {names}")
+
+
+class LDMSampler:
+    """Holds the model and device; ``sample()`` takes the original keyword arguments and returns (x, intermediates)."""
+
+    def __init__(self, model: Any, schedule: str = "linear", device: torch.device | str | None = None, **kwargs: Any):
+        self.model = model
+        self.ddpm_num_timesteps = model.num_timesteps
+        self.schedule = schedule
+        self.device = torch.device(device) if device is not None else model.device
+        self.alpha_bar = model_alpha_bar(model)
+
+    def run(self, denoise: Denoiser, x: torch.Tensor, generator: torch.Generator | None,
+            step_callback: StepCallback, progress: bool) -> torch.Tensor:
+        """Sample from x with the subclass's pure sampler over the schedule ``make_schedule`` built."""
+        raise NotImplementedError
+
+    def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
+                      verbose: bool = True) -> None:
+        """Precompute the step tables on the CPU (Python floats)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, S: int, batch_size: int, shape: tuple[int, int, int] | list[int], conditioning: Any = None,
+               callback: Callable | None = None, normals_sequence: Any = None, img_callback: Callable | None = None,
+               quantize_x0: bool = False, eta: float = 0.0, mask: Any = None, x0: Any = None,
+               temperature: float = 1.0, noise_dropout: float = 0.0, score_corrector: Any = None,
+               corrector_kwargs: Any = None, verbose: bool = True, x_T: torch.Tensor | None = None,
+               log_every_t: int = 100, unconditional_guidance_scale: float = 1.0,
+               unconditional_conditioning: Any = None, dynamic_threshold: Any = None, ucg_schedule: Any = None,
+               generator: torch.Generator | None = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """Sample latents (batch_size, *shape) with the original's semantics; x_T from ``generator`` when not given.
+
+        ``callback(i)`` and ``img_callback(pred_x0, i)`` are called after each step, as in the original; the
+        intermediates dict records x and pred_x0 every ``log_every_t`` steps and after the first one.
+        """
+        _check_unsupported(quantize_x0, mask, temperature, noise_dropout, score_corrector, dynamic_threshold,
+                           ucg_schedule)
+        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
+        size = (batch_size, *shape)
+        # generator=None draws from the global RNG, like the original's torch.randn(shape, device=device)
+        x = x_T if x_T is not None else torch.randn(size, generator=generator, device=self.device)
+        denoise = CFGDenoiser(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale)
+        intermediates = {"x_inter": [x], "pred_x0": [x]}
+
+        def step_callback(i: int, x_i: torch.Tensor, x0_i: torch.Tensor) -> None:
+            index = self.num_steps - i - 1
+            if index % log_every_t == 0 or index == self.num_steps - 1:
+                intermediates["x_inter"].append(x_i)
+                intermediates["pred_x0"].append(x0_i)
+            if callback is not None:
+                callback(i)
+            if img_callback is not None:
+                img_callback(x0_i, i)
+
+        x = self.run(denoise, x, generator, step_callback, verbose)
+        return x, self.intermediates(intermediates)
+
+    def intermediates(self, recorded: dict) -> Any:
+        """What ``sample()`` returns beside the latents (the original DDIM/PLMS dict)."""
+        return recorded
+
+    @property
+    def num_steps(self) -> int:
+        """Steps of the current schedule."""
+        raise NotImplementedError
