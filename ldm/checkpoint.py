@@ -59,9 +59,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if path.endswith(".safetensors") or (len(head) == 8 and not head.startswith(b"PK") and head[:1] != b"\x80"):
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header size, then the JSON header; torch: a zip or a raw pickle.
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if path.endswith(".safetensors") or looks_safetensors:
         return _read_safetensors(path)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise CheckpointError(f"not a checkpoint: {path} is neither a torch .ckpt (zip or pickle) nor safetensors")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             try:
@@ -190,16 +194,25 @@ def ema_name(key: str) -> str:
 
 
 def take_ema(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace every UNet weight (``model.*``) by its EMA copy; every one must exist."""
-    if not any(k.startswith("model_ema.") for k in sd):
-        raise CheckpointError("no EMA weights (model_ema.*) in this checkpoint; drop --ema")
-    unet_keys = [k for k in sd if k.startswith("model.")]
-    missing = [k for k in unet_keys if ema_name(k) not in sd]
-    if missing:
-        raise CheckpointError(f"EMA weights missing for {len(missing)} UNet tensors, e.g. {missing[0]}")
+    """Replace every UNet weight ``model.X.Y`` by its EMA copy ``model_ema.XY``: one to one, shapes equal."""
+    live = [k for k in sd if k.startswith("model.")]
+    table = {ema_name(k): k for k in live}  # model_ema.XY -> model.X.Y
+    if len(table) != len(live):
+        raise CheckpointError("EMA names are ambiguous: two UNet weights map to the same model_ema.* name")
+    ema_keys = [k for k in sd if k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")]
+    if not ema_keys:
+        raise CheckpointError("no EMA weights (model_ema.*) in this checkpoint; drop --ema "
+                              "(*-ema-pruned files already hold the EMA weights as model.*)")
+    missing = [table[e] for e in table if e not in sd]
+    orphans = [e for e in ema_keys if e not in table]
+    shapes = [e for e in ema_keys if e in table and sd[e].shape != sd[table[e]].shape]
+    for what, names in (("UNet weights without an EMA copy", missing), ("EMA weights without a UNet weight", orphans),
+                        ("EMA weights whose shape differs from the UNet weight", shapes)):
+        if names:
+            raise CheckpointError(f"--ema: {len(names)} {what}, e.g. {names[0]}")
     out = dict(sd)
-    for k in unet_keys:
-        out[k] = sd[ema_name(k)]
+    for e, k in table.items():
+        out[k] = sd[e]
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import SD2, build
+from conftest import SD2
 from ldm.attention import set_attention_backend
 
 

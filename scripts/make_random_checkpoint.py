@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Write a Stable Diffusion checkpoint with seeded random weights, for tests and benchmarks.
+
+    python scripts/make_random_checkpoint.py /tmp/sd2_random.ckpt                      # full SD2, 5.2 GB
+    python scripts/make_random_checkpoint.py tiny.safetensors --config configs/tiny/v2-tiny.yaml --seed 1
+    python scripts/make_random_checkpoint.py /tmp/sd2_native.ckpt --layout native_mha --dtype fp16
+
+The model is built on the meta device (no memory), and each tensor is drawn from its own generator
+(seeded by --seed and the tensor's name) and streamed to a .safetensors file in the original layout,
+so at most one tensor is in memory. Other outputs (.ckpt, --layout native_mha, --dtype) are then made
+from that file by ldm.convert, which reads it memory-mapped. Same --seed, same weights, whatever the
+layout or format; the noise-schedule buffers hold their real values.
+"""
+
+import argparse
+import os
+import sys
+import zlib
+
+try:
+    import ldm  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from ldm.checkpoint import load_config, to_original
+from ldm.convert import DTYPES, SD2_CONFIG, atomic_write, convert, output_format, write_safetensors
+from ldm.latent_diffusion import LatentDiffusion
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Seeded by (seed, name): matrices N(0, 1/fan_in), 1-D weights (norm scales) 1 + 0.1 N(0,1), others 0.1 N(0,1)."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))  # CPU seeds are 32-bit
+    t = torch.randn(shape, generator=g)
+    if len(shape) >= 2:
+        return t.div_(t[0].numel() ** 0.5)
+    return t.mul_(0.1).add_(1.0) if name.endswith("weight") and len(shape) == 1 else t.mul_(0.1)
+
+
+def make_random_checkpoint(out: str, config: str = SD2_CONFIG, layout: str = "original", seed: int = 0,
+                           dtype: str | None = None, progress: bool | None = None) -> None:
+    """Write ``out`` (.ckpt/.pt/.pth/.safetensors) holding random weights for the model of ``config``."""
+    fmt = output_format(out)
+    with torch.device("meta"):
+        model = LatentDiffusion(load_config(config))
+    sd = to_original(model.state_dict())  # meta tensors, except the real schedule buffers
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()}
+
+    def produce(name: str) -> torch.Tensor:
+        t = sd.pop(name)
+        return random_tensor(name, specs[name][1], seed) if t.is_meta else t
+
+    direct = fmt == "safetensors" and layout == "original" and dtype is None
+    staged = out if direct else f"{out}.random-original.safetensors"
+    atomic_write(staged, lambda f, _tmp: write_safetensors(f, specs, produce, {"format": "pt", "layout": "original",
+                                                                               "seed": str(seed)}, progress))
+    if not direct:
+        try:
+            convert(staged, out, to=layout, dtype=dtype, progress=progress)
+        finally:
+            os.remove(staged)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("output", help=".ckpt/.pt/.pth or .safetensors file to write")
+    p.add_argument("--config", default=SD2_CONFIG, help="model yaml (default: the full SD2 v2-inference.yaml)")
+    p.add_argument("--layout", choices=["original", "native_mha"], default="original")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float32")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    make_random_checkpoint(args.output, args.config, args.layout, args.seed, args.dtype,
+                           progress=False if args.quiet else None)
+    print(f"wrote {args.output} ({os.path.getsize(args.output) / 1e9:.2f} GB, {args.layout} layout, seed {args.seed})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
