@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.config_utils import take_params
+from ldm.unet_blocks import Upsample  # the same nearest x2 + 3x3 conv, key "conv"
 
 
 @dataclass(frozen=True)
@@ -93,15 +94,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def _mid(ch: int, attn: bool) -> nn.Module:
