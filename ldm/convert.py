@@ -30,13 +30,13 @@ import torch
 
 from ldm.checkpoint import (CheckpointError, detect_layout, read_checkpoint, take_ema, split_extras,
                             to_native, to_original)
+from ldm.runtime import DTYPES
 from ldm.schedule import BUFFER_NAMES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNET_PREFIX = "model.diffusion_model."
 LAYOUTS = {"native": "native_mha", "native_mha": "native_mha", "original": "original"}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Cross-attention context width (attn2 key weight columns) -> model family.
 FAMILIES = {768: "SD 1.x (CLIP ViT-L/14 text encoder, context width 768)",
             1024: "SD 2.x (OpenCLIP ViT-H/14 text encoder, context width 1024)"}
