@@ -1,0 +1,409 @@
+"""Speed and memory of text-to-image generation, in the protocol of the PyTorch 2 Stable Diffusion blog.
+
+    ldm-benchmark --ckpt checkpoints/v2-1_512-ema-pruned.ckpt \
+        --config configs/stable-diffusion/v2-inference.yaml --batch 1,2,4           # GPU: 512x512, 50 steps, N=10
+    ldm-benchmark --random sd2 --device cpu --H 256 --W 256 --steps 2 --repeats 2   # no weights needed
+
+Configurations run one after another, A B C D E P ..., and the sequence is repeated ``--repeats`` times
+(the blog's 10). Each run is a fresh process running ``scripts/txt2img.py --prompt "A photo" --seed 1 --plms
+--n_iter 2 --skip_first --time_file T`` with the configuration's flags; its timed seconds are the two
+iterations' sampling and decoding, after one untimed warm-up iteration (where compilation happens):
+  A  original attention: fp32 softmax(QK^T)V (``--attention math``), no compile ("original without xFormers")
+  B  xFormers' memory-efficient attention (``--attention xformers``); skipped when xformers is missing
+  C  SDPA restricted to its math kernel (``--disable_mem_efficient --disable_flash``)
+  D  SDPA with the memory-efficient/flash kernels (the default)
+  E  D + ``torch.compile`` of the UNet (``--compile``)
+  P  the peer: diffusers' StableDiffusionPipeline (SDPA) built from the same weights (ldm.benchmark_peer)
+  PC P with diffusers' UNet compiled
+  and ``--extra NAME:FLAGS`` configurations of your own (txt2img flags).
+Then, per configuration, the UNet alone in a fresh process (ldm.benchmark_unet): seconds per step, the
+compile time, peak memory and the largest resolution within ``--memory_budget_gb``. Writes NAME-runs.csv,
+NAME-summary.csv, NAME-unet.csv, NAME.md and NAME-summary.png / NAME-runs.png into ``--outdir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TXT2IMG = os.path.join(ROOT, "scripts", "txt2img.py")
+RANDOM_CONFIGS = {"tiny": "configs/tiny/v2-tiny.yaml", "sd2": "configs/stable-diffusion/v2-inference_native_mha.yaml"}
+MB = 1024 ** 2
+
+
+@dataclass(frozen=True)
+class Config:
+    key: str
+    label: str
+    flags: tuple[str, ...] = ()
+    peer: bool = False
+
+
+CONFIGS = {c.key: c for c in [
+    Config("A", "original attention (math), no compile", ("--attention", "math")),
+    Config("B", "xFormers attention, no compile", ("--attention", "xformers")),
+    Config("C", "SDPA math kernel, no compile", ("--disable_mem_efficient", "--disable_flash")),
+    Config("D", "SDPA mem-efficient/flash, no compile"),
+    Config("E", "SDPA + torch.compile", ("--compile",)),
+    Config("P", "diffusers (SDPA), no compile", peer=True),
+    Config("PC", "diffusers + torch.compile", ("--compile",), peer=True),
+]}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ldm-benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--ckpt", help="checkpoint (.ckpt/.safetensors, either layout)")
+    m.add_argument("--config", help="its model yaml")
+    m.add_argument("--random", choices=list(RANDOM_CONFIGS), help="make (and cache) a seeded random checkpoint")
+    m.add_argument("--cache_dir", default=None, help="random checkpoints and diffusers exports "
+                   "(default: $XDG_CACHE_HOME/ldm-fast/benchmark or ~/.cache/ldm-fast/benchmark)")
+    r = p.add_argument_group("protocol")
+    r.add_argument("--configs", default="A,B,C,D,E,P", help=f"comma list of {', '.join(CONFIGS)} (default %(default)s)")
+    r.add_argument("--extra", action="append", default=[], metavar="NAME:FLAGS",
+                   help='another configuration of txt2img flags, e.g. "bf16:--dtype bf16" (repeatable)')
+    r.add_argument("--repeats", "-N", type=int, default=10, help="times the sequence A B C ... is repeated")
+    r.add_argument("--batch", default="1", help="batch sizes (n_samples), comma list of 1, 2, 4, ...")
+    r.add_argument("--steps", type=int, default=50)
+    r.add_argument("--n_iter", type=int, default=2)
+    r.add_argument("--H", type=int, default=512)
+    r.add_argument("--W", type=int, default=512)
+    r.add_argument("--prompt", default="A photo")
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    r.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="weights and activations of every configuration (default: fp16 on CUDA, fp32 on CPU)")
+    r.add_argument("--fresh_inductor_cache", action="store_true",
+                   help="a new TORCHINDUCTOR_CACHE_DIR for each timed run, so every compile there is cold")
+    r.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of every run (OMP_NUM_THREADS; default: torch's choice)")
+    r.add_argument("--run_timeout", type=float, default=None, help="seconds before a run is stopped")
+    u = p.add_argument_group("UNet microbenchmark and memory")
+    u.add_argument("--unet_iters", type=int, default=10, help="timed UNet calls per configuration (0: skip)")
+    u.add_argument("--memory_budget_gb", type=float, default=None, help="default: the device's memory")
+    u.add_argument("--fit", choices=["auto", "estimate", "measure", "none"], default="auto",
+                   help="largest resolution within budget: measured on CUDA, estimated from tensor sizes elsewhere")
+    u.add_argument("--fit_step", type=int, default=128, help="resolutions 256..2048 in this step")
+    c = p.add_argument_group("checks and output")
+    c.add_argument("--check", action="store_true", help="first compare the peer's latents/images with ours")
+    c.add_argument("--check_steps", type=int, default=4)
+    c.add_argument("--check_size", type=int, default=64)
+    c.add_argument("--outdir", default="outputs/benchmark")
+    c.add_argument("--name", default="benchmark", help="prefix of the output files")
+    c.add_argument("--keep_logs", action="store_true", help="keep every run's output under OUTDIR/NAME-logs")
+    opt = p.parse_args(argv)
+    if opt.random and (opt.ckpt or opt.config):
+        p.error("--random makes its own checkpoint: drop --ckpt/--config")
+    if not opt.random and not (opt.ckpt and opt.config):
+        p.error("give --ckpt and --config, or --random tiny|sd2")
+    return opt
+
+
+def select_configs(opt: argparse.Namespace) -> tuple[list[Config], list[str]]:
+    """The configurations to run, in order, and notes on the ones skipped."""
+    chosen, notes = [], []
+    for key in [k.strip() for k in opt.configs.split(",") if k.strip()]:
+        if key not in CONFIGS:
+            raise SystemExit(f"error: unknown configuration {key!r}; choose from {', '.join(CONFIGS)}")
+        cfg = CONFIGS[key]
+        if key == "B" and importlib.util.find_spec("xformers") is None:
+            notes.append("B (xFormers) skipped: xformers is not installed (pip install xformers)")
+        elif cfg.peer and not all(importlib.util.find_spec(m) for m in ("diffusers", "transformers")):
+            notes.append(f"{key} skipped: the peer needs diffusers and transformers "
+                         "(pip install diffusers transformers)")
+        else:
+            chosen.append(cfg)
+    for extra in opt.extra:
+        name, sep, flags = extra.partition(":")
+        if not sep or not name.strip() or name.strip() in CONFIGS:
+            raise SystemExit(f"error: --extra {extra!r}: expected NAME:FLAGS with a new NAME")
+        chosen.append(Config(name.strip(), flags.strip() or "(no flags)", tuple(shlex.split(flags))))
+    return chosen, notes
+
+
+def cache_dir(opt: argparse.Namespace) -> str:
+    """Where random checkpoints and diffusers exports are kept between invocations."""
+    base = opt.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                         "ldm-fast", "benchmark")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def child_env(opt: argparse.Namespace) -> dict[str, str]:
+    """The environment of every run: this checkout importable, unbuffered output, the --threads choice."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if opt.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opt.threads)
+    return env
+
+
+def run_child(cmd: list[str], log: str, opt: argparse.Namespace, env: dict | None = None) -> tuple[int, float]:
+    """(exit code, wall seconds) of ``cmd`` in a fresh process, its output into ``log``."""
+    t0 = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        try:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env or child_env(opt), cwd=ROOT,
+                                  timeout=opt.run_timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    return code, time.perf_counter() - t0
+
+
+def tail(log: str) -> str:
+    """The last non-empty line of a run's output (progress bars' carriage returns count as line ends)."""
+    with open(log, encoding="utf-8", errors="replace") as f:
+        lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "no output"
+
+
+def prepare_model(opt: argparse.Namespace) -> tuple[str, str, str]:
+    """(config, ckpt, model name); a random checkpoint is made once and cached."""
+    if not opt.random:
+        return opt.config, opt.ckpt, os.path.splitext(os.path.basename(opt.ckpt))[0]
+    config = os.path.join(ROOT, RANDOM_CONFIGS[opt.random])
+    ckpt = os.path.join(cache_dir(opt), f"random-{opt.random}-seed0-native_mha.ckpt")
+    if not os.path.isfile(ckpt):
+        print(f"making a random {opt.random} checkpoint: {ckpt}", file=sys.stderr)
+        cmd = [sys.executable, os.path.join(ROOT, "scripts", "make_random_checkpoint.py"), ckpt,
+               "--config", config, "--layout", "native_mha", "--quiet"]
+        subprocess.run(cmd, check=True, env=child_env(opt), cwd=ROOT)
+    return config, ckpt, f"random-{opt.random}"
+
+
+def code_version() -> str:
+    """The commit of this checkout, with "+changes" when tracked files differ from it ("unknown" outside git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT, capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty.returncode != 0 else "")
+
+
+def txt2img_child(argv: list[str]) -> int:
+    """``python -m ldm.benchmark _txt2img STATS SCRIPT -- ARGS``: run txt2img's main, then record its peak memory."""
+    import importlib.util as iu
+    import torch
+    from ldm.benchmark_measure import environment, peak_memory, write_json
+    stats, script, args = argv[0], argv[1], argv[3:]
+    spec = iu.spec_from_file_location("txt2img", script)
+    module = iu.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    code = module.main(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu")
+    peak, kind = peak_memory(device)
+    write_json(stats, {"exit": code, "peak_bytes": peak, "peak_kind": kind, **environment(device)})
+    return code
+
+
+def run_commands(cfg: Config, opt: argparse.Namespace, config: str, ckpt: str, weights: str | None, batch: int,
+                 scratch: str, dtype: str) -> tuple[list[str], str, str]:
+    """(command, time file, stats file) of one run."""
+    time_file, stats = os.path.join(scratch, "time.txt"), os.path.join(scratch, "stats.json")
+    common = ["--prompt", opt.prompt, "--seed", str(opt.seed), "--n_iter", str(opt.n_iter), "--n_samples",
+              str(batch), "--steps", str(opt.steps), "--H", str(opt.H), "--W", str(opt.W), "--skip_first",
+              "--time_file", time_file, "--dtype", dtype] + (["--device", opt.device] if opt.device else [])
+    if cfg.peer:
+        cmd = [sys.executable, "-m", "ldm.benchmark_peer", "run", "--weights", weights, "--stats", stats,
+               *common, *cfg.flags]
+    else:
+        cmd = [sys.executable, "-m", "ldm.benchmark", "_txt2img", stats, TXT2IMG, "--", "--plms", "--config",
+               config, "--ckpt", ckpt, "--outdir", os.path.join(scratch, "out"), "--precision", "full",
+               *common, *cfg.flags]
+    return cmd, time_file, stats
+
+
+def run_once(cfg: Config, opt: argparse.Namespace, config: str, ckpt: str, weights: str | None, batch: int,
+             rep: int, order: int, dtype: str, scratch_root: str, logs: str) -> dict:
+    """One fresh-process txt2img (or peer) run -> a CSV row."""
+    import json
+    scratch = tempfile.mkdtemp(dir=scratch_root)
+    cmd, time_file, stats = run_commands(cfg, opt, config, ckpt, weights, batch, scratch, dtype)
+    env = child_env(opt)
+    if opt.fresh_inductor_cache:
+        env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(scratch, "inductor")
+    log = os.path.join(logs, f"b{batch}-r{rep}-{cfg.key}.log")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # how busy the machine was: noise
+    code, wall = run_child(cmd, log, opt, env)
+    row = {"batch": batch, "repeat": rep, "order": order, "config": cfg.key, "label": cfg.label,
+           "flags": " ".join(cfg.flags), "process_s": round(wall, 3), "images": opt.n_iter * batch,
+           "loadavg_1min": load}
+    if code != 0 or not os.path.isfile(time_file):
+        row["status"] = f"failed (exit {code}): {tail(log)}"
+        return row
+    with open(time_file, encoding="utf-8") as f:
+        seconds = float(f.read())
+    with open(stats, encoding="utf-8") as f:
+        st = json.load(f)
+    row.update(status="ok", seconds=seconds, images_per_s=row["images"] / seconds,
+               peak_mem_mb=round(st["peak_bytes"] / MB, 1), peak_kind=st["peak_kind"],
+               **{k: st[k] for k in ("device", "device_name", "torch", "python")})
+    return row
+
+
+def unet_once(cfg: Config, opt: argparse.Namespace, config: str, ckpt: str, weights: str | None, batch: int,
+              dtype: str, fit: str, scratch_root: str, logs: str) -> dict:
+    """The UNet microbenchmark of one configuration in a fresh process -> a CSV row."""
+    import json
+    stats = os.path.join(tempfile.mkdtemp(dir=scratch_root), "unet.json")
+    src = ["--peer", "--weights", weights] if cfg.peer else ["--config", config, "--ckpt", ckpt]
+    cmd = [sys.executable, "-m", "ldm.benchmark_unet", *src, "--H", str(opt.H), "--W", str(opt.W),
+           "--batch", str(2 * batch), "--iters", str(opt.unet_iters), "--stats", stats, "--dtype", dtype,
+           "--fit", fit, "--fit_step", str(opt.fit_step), *(["--device", opt.device] if opt.device else []),
+           *(["--budget_gb", str(opt.memory_budget_gb)] if opt.memory_budget_gb else []),
+           "--precision", "full", *cfg.flags]
+    log = os.path.join(logs, f"unet-b{batch}-{cfg.key}.log")
+    code, _ = run_child(cmd, log, opt)
+    row = {"config": cfg.key, "label": cfg.label, "flags": " ".join(cfg.flags), "unet_batch": 2 * batch,
+           "H": opt.H, "W": opt.W}
+    if code != 0:
+        return {**row, "status": f"failed (exit {code}): {tail(log)}"}
+    with open(stats, encoding="utf-8") as f:
+        st = json.load(f)
+    row.update(status="ok", ms_mean=1000 * st["s_mean"], ms_median=1000 * st["s_median"], ms_min=1000 * st["s_min"],
+               ms_max=1000 * st["s_max"], iters=st["iters"], first_call_s=st["first_call_s"],
+               peak_mem_mb=st["peak_bytes"] / MB, loaded_mb=st["loaded_bytes"] / MB,
+               activations_mb=(st["peak_bytes"] - st["before_bytes"]) / MB, first_peak_mb=st["first_peak_bytes"] / MB,
+               est_activations_mb=st["est_activation_bytes"] / MB, est_mb=st["est_bytes"] / MB,
+               peak_kind=st["peak_kind"], fit_res=st.get("fit_res"), fit_method=st.get("fit_method", ""),
+               budget_gb=st["budget_bytes"] / 1024 ** 3 if "budget_bytes" in st else None,
+               **{k: st[k] for k in ("device", "device_name", "torch")})
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_txt2img"]:
+        return txt2img_child(argv[1:])
+    from ldm import benchmark_report as report
+    from ldm.runtime import pick_device
+    opt = parse_args(argv)
+    if not os.path.isfile(TXT2IMG):
+        raise SystemExit(f"error: {TXT2IMG} not found: run the benchmark from a checkout (pip install -e .)")
+    device = pick_device(opt.device)
+    dtype = opt.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    batches = [int(b) for b in opt.batch.split(",")]
+    configs, notes = select_configs(opt)
+    config, ckpt, model_name = prepare_model(opt)
+    os.makedirs(opt.outdir, exist_ok=True)
+    base = os.path.join(opt.outdir, opt.name)
+    weights = None
+    if any(c.peer for c in configs) or opt.check:
+        from ldm.benchmark_peer import cached_export
+        t0 = time.perf_counter()
+        weights = cached_export(config, ckpt, cache_dir(opt))
+        print(f"diffusers weights: {weights} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    started, code = time.strftime("%Y-%m-%d %H:%M"), code_version()
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ldm-bench-") as scratch_root:
+        logs = base + "-logs" if opt.keep_logs else os.path.join(scratch_root, "logs")
+        os.makedirs(logs, exist_ok=True)
+        if opt.check:
+            notes.append(peer_check(opt, config, ckpt, weights, scratch_root))
+        rows, order = [], 0
+        for batch in batches:
+            for rep in range(opt.repeats):
+                for cfg in configs:
+                    row = run_once(cfg, opt, config, ckpt, weights, batch, rep, order, dtype, scratch_root, logs)
+                    row.update(model=model_name, H=opt.H, W=opt.W, steps=opt.steps, n_iter=opt.n_iter, dtype=dtype,
+                               code=code)
+                    rows.append(row)
+                    order += 1
+                    print(f"[batch {batch} repeat {rep + 1}/{opt.repeats}] {cfg.key:>3}: " + (
+                        f"{row['seconds']:.3f}s timed, {row['process_s']:.1f}s process" if row["status"] == "ok"
+                        else row["status"]), file=sys.stderr, flush=True)
+        unet_rows = []
+        if opt.unet_iters > 0:
+            for i, batch in enumerate(batches):
+                for cfg in configs:
+                    fit = opt.fit if i == 0 else "none"  # the search is at UNet batch 2 whatever the batch size
+                    unet_rows.append(unet_once(cfg, opt, config, ckpt, weights, batch, dtype, fit, scratch_root, logs))
+                    u = unet_rows[-1]
+                    print(f"[UNet x{u['unet_batch']}] {cfg.key:>3}: " + (
+                        f"{u['ms_mean']:.1f} ms/step, first call {u['first_call_s']:.2f}s"
+                        if u["status"] == "ok" else u["status"]), file=sys.stderr, flush=True)
+    summary = report.summarize(rows)
+    env = next((r for r in rows if r["status"] == "ok"), {})
+    header = [f"## {model_name}, {opt.H}x{opt.W}, {opt.steps} PLMS steps, n_iter {opt.n_iter} (+1 warm-up), "
+              f"N={opt.repeats}, {dtype}", "",
+              f"Device: {env.get('device_name', device.type)}; torch {env.get('torch', '?')}; code {code}; "
+              f"started {started}, took {(time.perf_counter() - t_start) / 60:.1f} min.", "",
+              "Command: `ldm-benchmark " + " ".join(shlex.quote(a) for a in argv) + "`"]
+    failed = [r for r in rows if r["status"] != "ok"]
+    notes += [f"{len(failed)} run(s) failed, e.g. {failed[0]['config']}: {failed[0]['status']}"] if failed else []
+    notes += ["'process s' is each run's whole process (start, load, warm-up iteration with any compilation, "
+              "timed iterations, PNG writing); 'mean s' is the timed part only."]
+    notes += compile_notes(rows, configs)
+    if any(u.get("fit_method") for u in unet_rows):
+        notes.append(f"largest HxW in budget: the eager UNet (compile is not applied in the search) at UNet batch 2 "
+                     f"(one image with guidance), {dtype}, square sizes 256..2048 in steps of {opt.fit_step}; "
+                     "'estimate' adds up tensor sizes on fake tensors (no compute), 'measure' runs real forwards.")
+    note = report.charts(rows, summary, f"{model_name} {opt.H}x{opt.W}, {opt.steps} steps, {dtype}, "
+                                        f"{env.get('device_name', device.type)}", base + "-runs.png",
+                         base + "-summary.png")
+    notes += [note] if note else []
+    report.write_csv(base + "-runs.csv", rows, report.RUN_FIELDS)
+    report.write_csv(base + "-summary.csv", summary, report.SUMMARY_FIELDS)
+    report.write_csv(base + "-unet.csv", unet_rows, report.UNET_FIELDS)
+    text = report.markdown(summary, unet_rows, header, notes)
+    with open(base + ".md", "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    print(text)
+    return 1 if failed and len(failed) == len(rows) else 0
+
+
+def compile_notes(rows: list[dict], configs: list[Config]) -> list[str]:
+    """For each compiled configuration: what its untimed part (load + warm-up with compilation) costs per run,
+    beside its eager counterpart, run by run (later runs can reuse inductor's on-disk caches)."""
+    notes = []
+    for cfg in configs:
+        eager = {"E": "D", "PC": "P"}.get(cfg.key)
+        if "--compile" not in cfg.flags:
+            continue
+        for batch in sorted({r["batch"] for r in rows}):
+            own = [r for r in rows if r["config"] == cfg.key and r["batch"] == batch and r["status"] == "ok"]
+            base = [r for r in rows if r["config"] == eager and r["batch"] == batch and r["status"] == "ok"]
+            if not own:
+                continue
+            untimed = [r["process_s"] - r["seconds"] for r in own]
+            text = (f"{cfg.key} (batch {batch}): untimed part of each process (load, warm-up iteration with "
+                    f"compilation) {', '.join(f'{u:.1f}' for u in untimed)} s run by run")
+            if base:
+                extra = sum(untimed) / len(untimed) - sum(r["process_s"] - r["seconds"] for r in base) / len(base)
+                text += f", {extra:.1f} s more than {eager}'s on average: the compile cost of a fresh process"
+            notes.append(text + "; its timed part is " + ", ".join(f"{r['seconds']:.2f}" for r in own) + " s.")
+    return notes
+
+
+def peer_check(opt: argparse.Namespace, config: str, ckpt: str, weights: str, scratch_root: str) -> str:
+    """Run the peer check in a fresh process; a one-line note with its errors."""
+    import json
+    out, log = os.path.join(scratch_root, "check.json"), os.path.join(scratch_root, "check.log")
+    cmd = [sys.executable, "-m", "ldm.benchmark_peer", "check", "--config", config, "--ckpt", ckpt, "--weights",
+           weights, "--steps", str(opt.check_steps), "--size", str(opt.check_size), "--json", out]
+    code, _ = run_child(cmd, log, opt)
+    if code != 0:
+        return f"peer check failed (exit {code}): {tail(log)}"
+    with open(out, encoding="utf-8") as f:
+        err = json.load(f)
+    print(f"peer check: {err}", file=sys.stderr)
+    return (f"peer check (fp32 CPU, {opt.check_size}x{opt.check_size}, {opt.check_steps} PLMS steps, same x_T): "
+            "max|ours - diffusers| / max|diffusers| = " + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

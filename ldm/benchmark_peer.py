@@ -1,0 +1,349 @@
+"""The benchmark's peer: diffusers' StableDiffusionPipeline built offline from the same checkpoint.
+
+    python -m ldm.benchmark_peer export --config CFG --ckpt CKPT --out DIR        # convert once
+    python -m ldm.benchmark_peer run --weights DIR --prompt "A photo" --seed 1 --steps 50 --n_iter 2 \
+        --n_samples 1 --H 512 --W 512 --skip_first --time_file T --stats S [--compile]
+    python -m ldm.benchmark_peer check --config CFG --ckpt CKPT --weights DIR --json OUT
+
+Weights are converted with diffusers' own converters (``convert_ldm_unet_checkpoint``,
+``convert_ldm_vae_checkpoint``, ``convert_open_clip_checkpoint``) from the original layout; the model
+configs are derived from our typed config, and the tokenizer is written from open_clip's BPE tables, so
+nothing touches a hub. As in diffusers' SD 2 text encoder, the CLIP text model has the tower's layers
+less the last one when the conditioning is the penultimate layer (23 of ViT-H-14's 24). PLMS is
+``PNDMScheduler(skip_prk_steps=True)`` with SD 2's schedule: same timesteps (steps_offset=1), same first
+pseudo improved-Euler step (two UNet calls), same final alpha_bar (set_alpha_to_one=False). diffusers,
+transformers and open_clip are imported inside functions: they are optional here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+import torch
+
+from ldm.benchmark_measure import environment, peak_memory, synchronize, write_json
+
+PARTS = ("unet", "vae", "text_encoder")
+
+
+def unet_config(cfg) -> dict:
+    """UNet2DConditionModel kwargs for our ``UNetConfig``."""
+    channels = [cfg.model_channels * m for m in cfg.channel_mult]
+    attn = [2 ** level in cfg.attention_resolutions for level in range(len(channels))]
+    if len(set(cfg.num_res_blocks)) != 1:
+        raise ValueError("diffusers' UNet takes one layers_per_block; this config varies it per level")
+    return dict(
+        sample_size=64, in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=channels,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=cfg.num_res_blocks[0],
+        # diffusers' legacy naming: for this UNet ``attention_head_dim`` is the NUMBER of heads per level
+        # (SD 2: [5, 10, 20, 20]), so the head width is channels / it = num_head_channels.
+        attention_head_dim=[cfg.heads_at(c)[0] for c in channels],
+        cross_attention_dim=cfg.context_dim, use_linear_projection=cfg.use_linear_in_transformer,
+        transformer_layers_per_block=cfg.transformer_depth, flip_sin_to_cos=True, freq_shift=0,
+        norm_num_groups=32, norm_eps=1e-5, act_fn="silu", upcast_attention=False)
+
+
+def vae_config(cfg, scale_factor: float) -> dict:
+    """AutoencoderKL kwargs for our ``VAEConfig``."""
+    if cfg.embed_dim != cfg.z_channels:
+        raise ValueError("diffusers' AutoencoderKL needs embed_dim == z_channels")
+    levels = len(cfg.ch_mult)
+    return dict(
+        in_channels=cfg.in_channels, out_channels=cfg.out_ch, block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
+        down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
+        layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels, norm_num_groups=32, act_fn="silu",
+        mid_block_add_attention=cfg.attn != "none", scaling_factor=scale_factor)
+
+
+def text_config(cfg) -> dict:
+    """CLIPTextConfig kwargs: open_clip's GELU tower, cut after the layer the conditioning reads."""
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=4 * cfg.width,
+                num_attention_heads=cfg.heads, num_hidden_layers=cfg.layers - (cfg.layer == "penultimate"),
+                max_position_embeddings=cfg.context_length, hidden_act="gelu", layer_norm_eps=1e-5,
+                projection_dim=cfg.embed_dim)
+
+
+def scheduler_config(model_cfg) -> dict:
+    """PNDMScheduler kwargs: PLMS on SD 2's training schedule."""
+    if model_cfg.beta_schedule != "linear":
+        raise ValueError(f"beta_schedule {model_cfg.beta_schedule!r}: the peer supports SD's 'linear' only")
+    return dict(num_train_timesteps=model_cfg.timesteps, beta_start=model_cfg.linear_start,
+                beta_end=model_cfg.linear_end, beta_schedule="scaled_linear", skip_prk_steps=True,
+                set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                prediction_type="v_prediction" if model_cfg.parameterization == "v" else "epsilon")
+
+
+def write_tokenizer(out_dir: str) -> None:
+    """vocab.json and merges.txt from open_clip's own BPE tables (the SD 2 tokenizer, no download)."""
+    from open_clip.tokenizer import SimpleTokenizer
+    tok = SimpleTokenizer()
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(tok.encoder, f)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        f.writelines(f"{a} {b}\n" for a, b in sorted(tok.bpe_ranks, key=tok.bpe_ranks.get))
+
+
+def load_tokenizer(weights: str):
+    """CLIPTokenizer over open_clip's vocabulary; SD 2 pads with "!" (id 0), as open_clip pads with 0."""
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer(os.path.join(weights, "vocab.json"), os.path.join(weights, "merges.txt"),
+                         bos_token="<start_of_text>", eos_token="<end_of_text>", unk_token="<end_of_text>",
+                         pad_token="!", model_max_length=77)
+
+
+def convert_weights(sd: dict[str, torch.Tensor], model_cfg) -> dict[str, dict[str, torch.Tensor]]:
+    """Our (native or original) full state dict -> diffusers' unet / vae / text_encoder state dicts."""
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                     convert_open_clip_checkpoint)
+    from ldm.checkpoint import detect_layout, to_original
+    if detect_layout(sd) == "native_mha":
+        sd = to_original(sd)
+    unet = convert_ldm_unet_checkpoint(sd, unet_config(model_cfg.unet))
+    vae = convert_ldm_vae_checkpoint(sd, vae_config(model_cfg.vae, model_cfg.scale_factor))
+    prefix = "cond_stage_model.model."
+    kept = text_config(model_cfg.text)["num_hidden_layers"]
+    text_sd = {k: v for k, v in sd.items() if k.startswith(prefix) and not any(
+        k.startswith(f"{prefix}transformer.resblocks.{i}.") for i in range(kept, model_cfg.text.layers))}
+
+    # The converter reads the text model only for config.hidden_size, and only when text_projection is missing.
+    text_model = SimpleNamespace(config=SimpleNamespace(hidden_size=model_cfg.text.width))
+    text = convert_open_clip_checkpoint(text_model, text_sd, prefix=prefix)
+    text.pop("text_projection.weight", None)  # CLIPTextModel has no projection (it is CLIP's, not the tower's)
+    return {"unet": unet, "vae": vae, "text_encoder": text}
+
+
+def export(config: str, ckpt: str, out_dir: str) -> str:
+    """Convert ``ckpt`` for diffusers into ``out_dir`` (weights, configs, tokenizer); returns out_dir."""
+    from ldm.checkpoint import load_config, read_checkpoint, split_extras
+    model_cfg = load_config(config)
+    sd, _ = read_checkpoint(ckpt)
+    sd, _ = split_extras(sd)
+    parts = convert_weights(sd, model_cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    for name, part in parts.items():
+        torch.save({k: v.contiguous() for k, v in part.items()}, os.path.join(out_dir, f"{name}.pt"))
+    write_tokenizer(out_dir)
+    configs = {"unet": unet_config(model_cfg.unet), "vae": vae_config(model_cfg.vae, model_cfg.scale_factor),
+               "text_encoder": text_config(model_cfg.text), "scheduler": scheduler_config(model_cfg)}
+    write_json(os.path.join(out_dir, "configs.json"), configs)  # written last: it marks a finished export
+    return out_dir
+
+
+def cached_export(config: str, ckpt: str, cache_dir: str) -> str:
+    """``export`` into a cache folder named after the checkpoint's path, size and mtime and the config's text."""
+    st = os.stat(ckpt)
+    with open(config, "rb") as f:
+        key = f"{os.path.abspath(ckpt)}|{st.st_size}|{st.st_mtime_ns}|".encode() + f.read()
+    stem = os.path.splitext(os.path.basename(ckpt))[0]
+    out = os.path.join(cache_dir, f"{stem}-{hashlib.sha256(key).hexdigest()[:10]}-diffusers")
+    if not os.path.isfile(os.path.join(out, "configs.json")):
+        export(config, ckpt, out)
+    return out
+
+
+def load_part(factory, path: str) -> torch.nn.Module:
+    """Build on the meta device and load strictly with assign=True (mmap'd).
+
+    transformers >= 5.6 dropped CLIPTextModel's ``text_model.`` prefix, which the converter still writes;
+    the position ids (derived, not in SD checkpoints) are filled in.
+    """
+    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    with torch.device("meta"):
+        module = factory()
+    own = dict(module.state_dict(keep_vars=True))
+    sd = {k if k in own else k.removeprefix("text_model."): v for k, v in sd.items()}
+    buffers = dict(module.named_buffers())
+    for name, buf in [*own.items(), *buffers.items()]:
+        if name.endswith("position_ids") and name not in sd:
+            sd[name] = torch.arange(buf.shape[-1]).expand(buf.shape)
+    unknown = [k for k in sd if k not in own and k not in buffers]
+    if unknown:
+        raise RuntimeError(f"{path}: unexpected keys {unknown[:5]}")
+    module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True, assign=True)
+    for name, value in sd.items():
+        if name not in own:  # a non-persistent buffer
+            owner, _, leaf = name.rpartition(".")
+            module.get_submodule(owner).register_buffer(leaf, value, persistent=False)
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{path}: not loaded: {left[:5]}")
+    return module.eval()
+
+
+def quiet_peer_logs() -> None:
+    """diffusers/transformers warnings (e.g. about casting with ``.to``) would bury the benchmark's output."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+
+
+def build_pipeline(weights: str, device: torch.device, dtype: torch.dtype):
+    """StableDiffusionPipeline (no safety checker) from an ``export`` folder, on ``device`` in ``dtype``."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    with open(os.path.join(weights, "configs.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    unet = load_part(lambda: UNet2DConditionModel(**cfg["unet"]), os.path.join(weights, "unet.pt"))
+    vae = load_part(lambda: AutoencoderKL(**cfg["vae"]), os.path.join(weights, "vae.pt"))
+    text = load_part(lambda: CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+                     os.path.join(weights, "text_encoder.pt"))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=load_tokenizer(weights), unet=unet,
+                                   scheduler=PNDMScheduler(**cfg["scheduler"]), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def compile_peer_unet(pipe, mode: str, device: torch.device) -> None:
+    """torch.compile diffusers' UNet with the settings ``ldm.runtime.compile_unet`` gives ours."""
+    import torch._inductor.config as inductor_config
+    if device.type == "cpu":
+        inductor_config.freezing = True
+    inductor_config.fx_graph_cache = True
+    pipe.unet = torch.compile(pipe.unet, fullgraph=True, mode=None if mode == "default" else mode)
+
+
+def generate(pipe, prompts: list[str], negative: str, steps: int, scale: float, x_T: torch.Tensor,
+             output_type: str = "pt") -> torch.Tensor:
+    """One pipeline call from the start noise ``x_T``: latents ("latent") or images in [0, 1] ("pt")."""
+    return pipe(prompt=prompts, negative_prompt=[negative] * len(prompts), num_inference_steps=steps,
+                guidance_scale=scale, height=x_T.shape[-2] * pipe.vae_scale_factor,
+                width=x_T.shape[-1] * pipe.vae_scale_factor, latents=x_T, output_type=output_type).images
+
+
+def run(opt: argparse.Namespace) -> dict:
+    """txt2img's timing protocol for the peer: a warm-up iteration, then ``n_iter`` timed ones (seed, noise alike)."""
+    from ldm import runtime
+    device = runtime.pick_device(opt.device)
+    dtype = runtime.DTYPES[opt.dtype]
+    pipe = build_pipeline(opt.weights, device, dtype)
+    if opt.compile:
+        compile_peer_unet(pipe, opt.compile_mode, device)
+    shape = [4, opt.H // 8, opt.W // 8]
+    gen = torch.Generator(device).manual_seed(opt.seed)
+    prompts = opt.n_samples * [opt.prompt]
+
+    def once() -> torch.Tensor:
+        x_T = torch.randn([opt.n_samples, *shape], generator=gen, device=device).to(dtype)
+        images = generate(pipe, prompts, "", opt.steps, opt.scale, x_T)
+        return (255.0 * images.float()).to(torch.uint8).permute(0, 2, 3, 1).cpu()  # as ldm.images.to_uint8
+
+    timed = 0.0
+    with torch.no_grad():
+        if opt.skip_first:
+            once()
+            synchronize(device)
+            gen.manual_seed(opt.seed)
+        for _ in range(opt.n_iter):
+            synchronize(device)
+            t0 = time.perf_counter()
+            once()
+            synchronize(device)
+            timed += time.perf_counter() - t0
+    if opt.time_file:
+        with open(opt.time_file, "w") as f:
+            f.write(f"{timed:.6f}\n")
+    return {"seconds": timed, "images": opt.n_iter * opt.n_samples, "device": device}
+
+
+def check(config: str, ckpt: str, weights: str, steps: int = 4, size: int = 64, seed: int = 1,
+          prompt: str = "A photo", scale: float = 9.0) -> dict[str, float]:
+    """max|ours - peer| / max|peer| of the text context, the sampled latents and the decoded images, fp32 CPU.
+
+    Both start from the same noise x_T and run PLMS with classifier-free guidance: small numbers say the
+    peer is the same model with the same sampler. One model is in memory at a time.
+    """
+    import gc
+    from ldm.checkpoint import load_model
+    from ldm.models.diffusion.plms import PLMSSampler
+    device, dtype = torch.device("cpu"), torch.float32
+    shape = [4, size // 8, size // 8]
+    x_T = torch.randn([1, *shape], generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model, _ = load_model(config, ckpt, device=device, dtype=dtype)
+        c, uc = model.get_learned_conditioning([prompt]), model.get_learned_conditioning([""])
+        z, _ = PLMSSampler(model).sample(S=steps, conditioning=c, batch_size=1, shape=shape, verbose=False,
+                                        unconditional_guidance_scale=scale, unconditional_conditioning=uc,
+                                        eta=0.0, x_T=x_T.clone())
+        ours = {"text": c, "latents": z, "images": model.decode_first_stage(z)}
+        del model
+        gc.collect()
+        pipe = build_pipeline(weights, device, dtype)
+        peer_z = generate(pipe, [prompt], "", steps, scale, x_T.clone(), output_type="latent")
+        peer = {"text": pipe.encode_prompt(prompt, device, 1, False)[0], "latents": peer_z,
+                "images": pipe.vae.decode(peer_z / pipe.vae.config.scaling_factor).sample}
+    return {k: ((ours[k].double() - peer[k].double()).abs().max() / peer[k].double().abs().max()).item()
+            for k in ours}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ldm.benchmark_peer", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="convert a checkpoint for diffusers")
+    e.add_argument("--config", required=True)
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--out", required=True)
+    r = sub.add_parser("run", help="time the pipeline like scripts/txt2img.py --skip_first --time_file")
+    r.add_argument("--weights", required=True, help="a folder written by 'export'")
+    r.add_argument("--prompt", default="A photo")
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--steps", type=int, default=50)
+    r.add_argument("--scale", type=float, default=9.0)
+    r.add_argument("--n_iter", type=int, default=2)
+    r.add_argument("--n_samples", type=int, default=1)
+    r.add_argument("--H", type=int, default=512)
+    r.add_argument("--W", type=int, default=512)
+    r.add_argument("--device", default=None)
+    r.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    r.add_argument("--compile", action="store_true")
+    r.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune"], default="default")
+    r.add_argument("--skip_first", action="store_true")
+    r.add_argument("--time_file", default=None)
+    r.add_argument("--stats", default=None, help="write seconds, peak memory and the environment here (json)")
+    c = sub.add_parser("check", help="compare the peer's latents and images with ours from the same noise")
+    c.add_argument("--config", required=True)
+    c.add_argument("--ckpt", required=True)
+    c.add_argument("--weights", default=None, help="an 'export' folder (default: convert into a temp folder)")
+    c.add_argument("--steps", type=int, default=4)
+    c.add_argument("--size", type=int, default=64)
+    c.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = parse_args(argv)
+    torch.set_grad_enabled(False)
+    quiet_peer_logs()
+    if opt.cmd == "export":
+        export(opt.config, opt.ckpt, opt.out)
+        print(f"wrote {opt.out}")
+    elif opt.cmd == "run":
+        summary = run(opt)
+        peak, kind = peak_memory(summary["device"])
+        if opt.stats:
+            write_json(opt.stats, {"seconds": summary["seconds"], "images": summary["images"], "peak_bytes": peak,
+                                   "peak_kind": kind, **environment(summary["device"])})
+        print(f"diffusers: {summary['images']} images in {summary['seconds']:.2f}s (timed)")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = opt.weights or export(opt.config, opt.ckpt, tmp)
+            errors = check(opt.config, opt.ckpt, weights, steps=opt.steps, size=opt.size)
+        if opt.json:
+            write_json(opt.json, errors)
+        print("ours vs diffusers, max|diff|/max|diffusers|: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The benchmark harness (ldm.benchmark) end to end on the tiny config, and its pieces.
+
+The end-to-end runs start fresh processes per run, as the harness does, so they are small: N=1, 64x64,
+2 PLMS steps, one CPU thread per run (two threads on a shared two-core machine can be 100x slower).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import re
+import statistics
+
+import pytest
+import torch
+
+from conftest import TINY
+from ldm import benchmark, benchmark_report
+from ldm.benchmark_measure import estimate_peak_bytes
+from ldm.benchmark_unet import largest_fit
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def harness(tmp_path, cache, configs: str, *extra: str, repeats: int = 1, device: str = "cpu") -> str:
+    """Run ldm-benchmark in this process (its runs are subprocesses); returns the output files' prefix."""
+    out = tmp_path / "out"
+    argv = ["--random", "tiny", "--cache_dir", str(cache), "--device", device, "--H", "64", "--W", "64",
+            "--steps", "2", "--repeats", str(repeats), "--configs", configs, "--unet_iters", "2", "--threads", "1",
+            "--memory_budget_gb", "1", "--outdir", str(out), "--name", "t", *extra]
+    assert benchmark.main(argv) == 0
+    return str(out / "t")
+
+
+def read_csv(path: str) -> tuple[list[str], list[dict]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def markdown_rows(text: str) -> dict[tuple[int, str], dict[str, str]]:
+    """{(batch, config): {column: cell}} from the per-batch tables of the markdown report."""
+    rows, batch, head = {}, None, None
+    for line in text.splitlines():
+        m = re.match(r"### Batch size (\d+)", line)
+        if m:
+            batch, head = int(m.group(1)), None
+        elif line.startswith("### "):
+            batch = None
+        elif batch is not None and line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if head is None:
+                head = cells
+            else:
+                rows[(batch, cells[0])] = dict(zip(head, cells))
+    return rows
+
+
+def check_outputs(prefix: str, configs: list[str], repeats: int, peer: bool = True, device: str = "cpu") -> None:
+    """CSV columns, row counts, positive numbers, summary = runs, speed-ups = mean ratios, markdown, charts."""
+    fields, runs = read_csv(prefix + "-runs.csv")
+    assert fields == benchmark_report.RUN_FIELDS
+    assert len(runs) == len(configs) * repeats
+    assert [r["config"] for r in runs] == configs * repeats  # interleaved: A C D P, A C D P, ...
+    for r in runs:
+        assert r["status"] == "ok", r
+        secs = float(r["seconds"])
+        assert secs > 0 and float(r["peak_mem_mb"]) > 0 and float(r["process_s"]) > secs
+        assert float(r["images_per_s"]) == pytest.approx(int(r["images"]) / secs)
+        assert r["images"] == "2" and r["device"] == device and r["torch"] == torch.__version__
+        assert r["code"] and r["code"] == runs[0]["code"]  # the commit measured, the same for every run
+
+    fields, summary = read_csv(prefix + "-summary.csv")
+    assert fields == benchmark_report.SUMMARY_FIELDS
+    assert [s["config"] for s in summary] == configs
+    mean = {s["config"]: float(s["mean_s"]) for s in summary}
+    for s in summary:
+        own = [float(r["seconds"]) for r in runs if r["config"] == s["config"]]
+        assert mean[s["config"]] == pytest.approx(statistics.fmean(own))
+        assert float(s["min_s"]) == pytest.approx(min(own)) and float(s["max_s"]) == pytest.approx(max(own))
+        assert float(s["speedup_vs_A"]) == pytest.approx(mean["A"] / mean[s["config"]])
+        if peer:
+            assert float(s["speedup_vs_P"]) == pytest.approx(mean["P"] / mean[s["config"]])
+
+    with open(prefix + ".md", encoding="utf-8") as f:
+        text = f.read()
+    table = markdown_rows(text)
+    assert sorted(k[1] for k in table) == sorted(configs)
+    for key in configs:
+        row = table[(1, key)]
+        assert float(row["mean s"]) == pytest.approx(mean[key], rel=1e-3)
+        assert float(row["speed-up vs A"].rstrip("x")) == pytest.approx(mean["A"] / mean[key], abs=1e-3)
+        if peer:
+            assert float(row["speed-up vs diffusers (P)"].rstrip("x")) == pytest.approx(mean["P"] / mean[key],
+                                                                                       abs=1e-3)
+    if peer:
+        assert re.search(r"D/P = (\d+\.\d+)", text).group(1) == f"{mean['D'] / mean['P']:.3f}"
+
+    fields, unet = read_csv(prefix + "-unet.csv")
+    assert fields == benchmark_report.UNET_FIELDS
+    assert [u["config"] for u in unet] == configs
+    for u in unet:
+        assert u["status"] == "ok", u
+        assert float(u["ms_mean"]) > 0 and float(u["first_call_s"]) > 0 and float(u["peak_mem_mb"]) > 0
+    fit = {u["config"]: int(u["fit_res"]) for u in unet}
+    # 1 GiB: the math paths' (B, heads, T, T) scores (2 GiB in fp16 at 1024x1024) stop them below 1024x1024;
+    # the fused SDPA kernels reach 2048x2048.
+    assert fit["A"] < 1024 and fit["C"] < 1024 and fit["D"] == 2048
+
+    for chart in ("-summary.png", "-runs.png"):
+        with open(prefix + chart, "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def test_harness_tiny_end_to_end(tmp_path, cache):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("matplotlib")
+    check_outputs(harness(tmp_path, cache, "A,C,D,P"), ["A", "C", "D", "P"], repeats=1)
+
+
+@pytest.mark.slow
+def test_harness_tiny_all_configs(tmp_path, cache):
+    """A, C, D, E (compile), P, PC (diffusers compiled) and an extra, twice over, with the peer check."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("matplotlib")
+    prefix = harness(tmp_path, cache, "A,B,C,D,E,P,PC", "--check", "--extra", "mha:--attention mha", repeats=2)
+    with open(prefix + ".md", encoding="utf-8") as f:
+        text = f.read()
+    has_xformers = importlib.util.find_spec("xformers") is not None
+    assert ("B (xFormers) skipped" in text) != has_xformers
+    check_outputs(prefix, ["A", "B", "C", "D", "E", "P", "PC", "mha"] if has_xformers
+                  else ["A", "C", "D", "E", "P", "PC", "mha"], repeats=2)
+    assert "peer check" in text and "E/PC = " in text
+
+
+@pytest.mark.gpu
+def test_harness_tiny_cuda(tmp_path, cache):
+    """On a GPU: CUDA-event timings, max_memory_allocated, and the budget search with real forwards."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("diffusers")
+    prefix = harness(tmp_path, cache, "A,C,D,E,P", device="cuda")
+    check_outputs(prefix, ["A", "C", "D", "E", "P"], repeats=1, device="cuda")
+    _, unet = read_csv(prefix + "-unet.csv")
+    assert {u["fit_method"] for u in unet} == {"measure"} and {u["peak_kind"] for u in unet} == {"cuda_max_allocated"}
+
+
+def test_peer_matches_ours(cache):
+    """diffusers' pipeline, converted by the harness, samples the same latents and images from the same noise."""
+    pytest.importorskip("diffusers")
+    from ldm.benchmark_peer import cached_export, check
+    config, ckpt, _ = benchmark.prepare_model(benchmark.parse_args(["--random", "tiny", "--cache_dir", str(cache)]))
+    errors = check(config, ckpt, cached_export(config, ckpt, str(cache)), steps=4, size=64)
+    assert errors["text"] < 1e-5 and errors["latents"] < 1e-4 and errors["images"] < 1e-4, errors
+
+
+def test_select_configs_and_extras():
+    opt = benchmark.parse_args(["--random", "tiny", "--configs", "A,B,D", "--extra", "bf16:--dtype bf16 --compile"])
+    chosen, notes = benchmark.select_configs(opt)
+    keys = [c.key for c in chosen]
+    assert keys[0] == "A" and keys[-2:] == ["D", "bf16"]
+    assert chosen[-1].flags == ("--dtype", "bf16", "--compile")
+    assert ("B" in keys) != any("xformers is not installed" in n for n in notes)
+    with pytest.raises(SystemExit):
+        benchmark.select_configs(benchmark.parse_args(["--random", "tiny", "--configs", "Z"]))
+
+
+def test_summary_speedups():
+    rows = [{"batch": 1, "config": c, "label": c, "status": "ok", "seconds": s, "images": 2, "process_s": 2 * s,
+             "peak_mem_mb": 1.0} for c, s in [("A", 4.0), ("D", 2.0), ("P", 3.0), ("A", 6.0), ("D", 2.0), ("P", 3.0)]]
+    rows.append({"batch": 1, "config": "D", "status": "failed (exit 1): boom"})
+    by = {s["config"]: s for s in benchmark_report.summarize(rows)}
+    assert by["A"]["mean_s"] == 5.0 and by["D"]["runs"] == 2
+    assert by["D"]["speedup_vs_A"] == 2.5 and by["D"]["speedup_vs_P"] == 1.5 and by["P"]["speedup_vs_A"] == 5 / 3
+    assert by["D"]["images_per_s"] == 1.0
+
+
+def test_largest_fit_binary_search():
+    sizes = list(range(256, 2049, 128))
+    for limit in (100, 256, 700, 1024, 2048, 5000):
+        probed = []
+        best = largest_fit(lambda r: probed.append(r) or r <= limit, sizes)
+        assert best == max((s for s in sizes if s <= limit), default=None)
+        assert len(probed) <= 4
+
+
+def test_memory_estimate_math_is_quadratic_sdpa_is_not():
+    """Fake-tensor estimate: 2x the side is 16x the math path's (B, heads, T, T) scores, not the fused kernel's."""
+    from ldm.attention import set_attention_backend
+    from ldm.checkpoint import load_config
+    from ldm.unet import UNetModel
+    cfg = load_config(TINY).unet
+
+    def activations(backend: str, side: int) -> int:
+        def build():
+            unet = UNetModel(cfg)
+            set_attention_backend(unet, backend)
+            return unet
+        inputs = lambda: (torch.randn(2, 4, side, side), torch.tensor([1, 1]), torch.randn(2, 77, cfg.context_dim))
+        return estimate_peak_bytes(build, inputs)["activations"]
+
+    side = 64
+    scores = 2 * cfg.heads_at(cfg.model_channels)[0] * (side * side) ** 2 * 4  # one fp32 (B, heads, T, T)
+    math_small, math_big = activations("math", side), activations("math", 2 * side)
+    sdpa_small, sdpa_big = activations("sdpa", side), activations("sdpa", 2 * side)
+    assert scores <= math_small < 4 * scores
+    assert 12 < math_big / math_small <= 16.5
+    assert sdpa_big / sdpa_small < 5 and sdpa_small < scores / 4
