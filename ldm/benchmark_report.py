@@ -90,7 +90,7 @@ def markdown(summary: list[dict], unet: list[dict], header: list[str], notes: li
             lines.append(f"| {u['config']} | {u['label']} | {u['unet_batch']} | {u['H']}x{u['W']} "
                          f"| {_fmt(u['ms_mean'])} | {_fmt(u['ms_median'])} | {_fmt(u['ms_min'])} "
                          f"| {_fmt(u['first_call_s'], '.3g')} | {_fmt(u['first_peak_mb'], '.0f')} "
-                         f"| {_fmt(u['peak_mem_mb'], '.0f')} | {_fmt(u['activations_mb'], '.0f')} "
+                         f"| {_fmt(u['peak_mem_mb'], '.0f')} | {_fmt(max(u['activations_mb'], 0.0), '.0f')} "
                          f"| {_fmt(u['est_activations_mb'], '.0f')} | {fit} |")
         lines.append("")
     if notes:
