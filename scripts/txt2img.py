@@ -20,12 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, ROOT)
 
-DEMO_CONFIG = os.path.join(ROOT, "configs", "tiny", "v2-tiny.yaml")
-WEIGHTS_HELP = "see README.md, section 'Weights' (checkpoints/README.md lists the files and where to get them)"
-
-
-class UserError(Exception):
-    """A problem with the command line or the inputs, reported as one line."""
+from ldm.cli import (UserError, add_model_args, add_speed_args, build_model, check_model_args, describe,  # noqa: E402,F401
+                     guarded, make_sampler, optimize, setup, write_time_file)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,28 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
     p.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale")
     p.add_argument("--from-file", type=str, help="read prompts from this file, one per line")
-    p.add_argument("--config", type=str, default="configs/stable-diffusion/v2-inference.yaml")
-    p.add_argument("--ckpt", type=str, help="path to the checkpoint (.ckpt or .safetensors, either layout)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--precision", type=str, choices=["full", "autocast"], default=None,
-                   help="autocast (default on CUDA, as the original) or full (default on CPU)")
     p.add_argument("--repeat", type=int, default=1, help="repeat each prompt of --from-file this often")
-    p.add_argument("--device", type=str, default=None, help="cuda (default when available) or cpu")
     p.add_argument("--torchscript", action="store_true", help="not supported: use --compile")
     p.add_argument("--ipex", action="store_true", help="not supported: use --compile")
-    p.add_argument("--bf16", action="store_true", help="alias of --dtype bf16")
-    # Speed flags of the PyTorch 2 blog and this project.
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (fullgraph)")
-    p.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune"], default="default")
-    p.add_argument("--skip_first", action="store_true", help="one untimed warm-up iteration first")
-    p.add_argument("--time_file", type=str, default=None, help="write the timed runtime (seconds) here")
-    p.add_argument("--disable_math", action="store_true", help="SDPA: disable the math kernel")
-    p.add_argument("--disable_mem_efficient", action="store_true", help="SDPA: disable memory-efficient kernels")
-    p.add_argument("--disable_flash", action="store_true", help="SDPA: disable flash attention")
-    p.add_argument("--attention", choices=["sdpa", "mha", "math", "xformers"], default="sdpa")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights and activations")
-    p.add_argument("--demo", action="store_true", help="tiny random model, no weights needed: the image is noise")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_model_args(p)
+    add_speed_args(p)
     return p.parse_args(argv)
 
 
@@ -80,8 +59,6 @@ def check_args(opt: argparse.Namespace) -> None:
         raise UserError("--plms and --dpm are conflicting sampler flags; pick one (DDIM without either)")
     if opt.plms and opt.ddim_eta != 0:
         raise UserError("PLMS is deterministic: --ddim_eta must be 0 with --plms")
-    if opt.bf16 and opt.dtype not in (None, "bf16"):
-        raise UserError(f"--bf16 conflicts with --dtype {opt.dtype}")
     for name in ("steps", "n_iter", "n_samples", "f", "C", "repeat"):
         if getattr(opt, name) < 1:
             raise UserError(f"--{name} must be at least 1")
@@ -89,8 +66,7 @@ def check_args(opt: argparse.Namespace) -> None:
         v = getattr(opt, name)
         if v < 8 or v % 8 or v % opt.f:
             raise UserError(f"--{name} {v} must be a positive multiple of 8 and of the latent factor --f {opt.f}")
-    if not opt.demo and not opt.ckpt:
-        raise UserError(f"--ckpt is required (or try --demo, which needs no weights); {WEIGHTS_HELP}")
+    check_model_args(opt)
 
 
 def read_prompts(opt: argparse.Namespace) -> list[list[str]]:
@@ -108,60 +84,18 @@ def read_prompts(opt: argparse.Namespace) -> list[list[str]]:
     return [list(b) for b in iter(lambda: tuple(islice(it, opt.n_samples)), ())]
 
 
-def build_model(opt, device, dtype):
-    """(model, model name) from --ckpt/--config, or a tiny random model for --demo."""
-    import torch
-    from tqdm import tqdm
-    from ldm.attention import set_attention_backend
-    from ldm.checkpoint import load_model
-    if opt.demo:
-        from omegaconf import OmegaConf
-        from ldm.util import instantiate_from_config
-        torch.manual_seed(opt.seed)
-        model = instantiate_from_config(OmegaConf.load(DEMO_CONFIG).model).to(device=device, dtype=dtype)
-        set_attention_backend(model, opt.attention)
-        return model, "demo-tiny-random"
-    if not os.path.isfile(opt.ckpt):
-        raise UserError(f"checkpoint not found: {opt.ckpt}; {WEIGHTS_HELP}")
-    if not os.path.isfile(opt.config):
-        raise UserError(f"config not found: {opt.config}")
-    with tqdm(total=3, desc="Loading model", unit="stage") as bar:
-        model, report = load_model(opt.config, opt.ckpt, device=device, dtype=dtype, attention=opt.attention,
-                                   progress=lambda stage: bar.update(1))
-    note = " (original layout, converted in memory)" if report.converted else ""
-    print(f"Loaded {opt.ckpt}{note} in {report.seconds:.1f}s", file=sys.stderr)
-    return model, os.path.splitext(os.path.basename(opt.ckpt))[0]
-
-
-def make_sampler(opt, model, device):
-    if opt.plms:
-        from ldm.models.diffusion.plms import PLMSSampler
-        return PLMSSampler(model, device=device), "PLMS"
-    if opt.dpm:
-        from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-        return DPMSolverSampler(model, device=device), "DPM++ 2M"
-    from ldm.models.diffusion.ddim import DDIMSampler
-    return DDIMSampler(model, device=device), "DDIM"
-
-
 def run(opt: argparse.Namespace) -> dict:
     """Load, (compile,) sample, decode and save; returns the timing summary."""
     import torch
     from ldm import images, runtime
 
-    device = runtime.pick_device(opt.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    dtype = runtime.DTYPES[opt.dtype or ("bf16" if opt.bf16 else "fp32")]
-    precision = opt.precision or ("autocast" if device.type == "cuda" else "full")
-    backends = runtime.sdpa_backends(opt.disable_math, opt.disable_mem_efficient, opt.disable_flash)
-    runtime.check_sdpa(backends, device, dtype)
+    rt = setup(opt)
+    device, dtype = rt.device, rt.dtype
     batches = read_prompts(opt)
 
-    model, model_name = build_model(opt, device, dtype)
-    sampler, sampler_name = make_sampler(opt, model, device)
-    if opt.compile:
-        runtime.compile_unet(model, opt.compile_mode, device)
+    model, model_name = build_model(opt, rt)
+    sampler, sampler_name = make_sampler("plms" if opt.plms else "dpm" if opt.dpm else "ddim", model, device)
+    optimize(opt, model, rt)
 
     sample_dir = os.path.join(opt.outdir, "samples")
     os.makedirs(sample_dir, exist_ok=True)
@@ -181,7 +115,7 @@ def run(opt: argparse.Namespace) -> dict:
 
     all_images, timed, count = [], 0.0, 0
     index = images.next_index(sample_dir)
-    with torch.no_grad(), runtime.attention_scope(backends), runtime.precision_scope(precision, device, dtype):
+    with torch.no_grad(), runtime.attention_scope(rt.backends), runtime.precision_scope(rt.precision, device, dtype):
         if opt.skip_first:  # warm-up (compilation happens here), untimed and not saved
             generate(batches[0], start_code(len(batches[0])))
             runtime.synchronize(device)
@@ -209,48 +143,30 @@ def run(opt: argparse.Namespace) -> dict:
     grid_path = os.path.join(opt.outdir, f"grid-{grid_index:04}.png")
     images.save_png(images.to_pil(grid), grid_path, images.parameters_text(
         batches[0][0], opt.negative_prompt, opt.steps, sampler_name, opt.scale, opt.seed, opt.W, opt.H, model_name))
-    if opt.time_file:
-        with open(opt.time_file, "w") as f:
-            f.write(f"{timed:.6f}\n")
+    write_time_file(opt.time_file, timed)
     return {"seconds": timed, "images": count, "grid": grid_path}
 
 
 def main(argv: list[str] | None = None) -> int:
     opt = parse_args(argv)
-    try:
-        if opt.H is None:
-            opt.H = 64 if opt.demo else 512
-        if opt.W is None:
-            opt.W = 64 if opt.demo else 512
-        check_args(opt)
-        if opt.demo:
-            print("--demo: a tiny model with RANDOM weights; the image will be noise. "
-                  "It checks the pipeline, not the picture.", file=sys.stderr)
-        import torch
-        torch.set_grad_enabled(False)
-        summary = run(opt)
-    except Exception as e:  # one line for users; the traceback with --debug
-        if opt.debug:
-            raise
-        print(f"error: {describe(e)}", file=sys.stderr)
-        return 1
+    return guarded(opt, lambda: _main(opt))
+
+
+def _main(opt: argparse.Namespace) -> int:
+    if opt.H is None:
+        opt.H = 64 if opt.demo else 512
+    if opt.W is None:
+        opt.W = 64 if opt.demo else 512
+    check_args(opt)
+    if opt.demo:
+        print("--demo: a tiny model with RANDOM weights; the image will be noise. "
+              "It checks the pipeline, not the picture.", file=sys.stderr)
+    summary = run(opt)
     s = summary["seconds"]
     print(f"Sampled {summary['images']} images in {s:.2f}s ({summary['images'] / s if s > 0 else 0.0:.3f} images/s, "
           f"timed{' after a warm-up iteration' if opt.skip_first else ''}). Samples in {opt.outdir}/samples, "
           f"grid {summary['grid']}")
     return 0
-
-
-def describe(e: BaseException) -> str:
-    """A one-line message; out-of-memory says which flags reduce memory."""
-    import torch
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower():
-        return ("out of memory: reduce --n_samples or --H/--W, use --dtype fp16/bf16, and keep the fused SDPA "
-                "kernels (drop --disable_mem_efficient/--disable_flash, --attention math)")
-    if isinstance(e, (UserError, ValueError, FileNotFoundError)):
-        return text
-    return f"{type(e).__name__}: {text} (run with --debug for the traceback)"
 
 
 if __name__ == "__main__":

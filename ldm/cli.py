@@ -1,0 +1,167 @@
+"""Command-line pieces shared by scripts/txt2img.py, img2img.py and inpaint.py.
+
+The scripts parse their own task flags; this module owns the flags every script shares (model,
+device and dtype, attention kernels, speed features), turns them into a loaded, optimised model
+and reports errors as one line. Nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(ROOT, "configs", "tiny", "v2-tiny.yaml")
+WEIGHTS_HELP = "see README.md, section 'Weights' (checkpoints/README.md lists the files and where to get them)"
+
+
+class UserError(Exception):
+    """A problem with the command line or the inputs, reported as one line."""
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--config/--ckpt/--device/--dtype/--precision/--seed/--demo/--debug and the attention kernels."""
+    p.add_argument("--config", type=str, default=None,
+                   help="model yaml (default: chosen from the checkpoint's keys, and printed)")
+    p.add_argument("--ckpt", type=str, help="path to the checkpoint (.ckpt or .safetensors, either layout)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--precision", type=str, choices=["full", "autocast"], default=None,
+                   help="autocast (default on CUDA, as the original) or full (default on CPU)")
+    p.add_argument("--device", type=str, default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights and activations")
+    p.add_argument("--bf16", action="store_true", help="alias of --dtype bf16")
+    p.add_argument("--attention", choices=["sdpa", "mha", "math", "xformers"], default="sdpa")
+    p.add_argument("--disable_math", action="store_true", help="SDPA: disable the math kernel")
+    p.add_argument("--disable_mem_efficient", action="store_true", help="SDPA: disable memory-efficient kernels")
+    p.add_argument("--disable_flash", action="store_true", help="SDPA: disable flash attention")
+    p.add_argument("--demo", action="store_true", help="tiny random model, no weights needed: the image is noise")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    """The speed flags of the PyTorch 2 blog and of this project, plus timing."""
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (fullgraph)")
+    p.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune"], default="default")
+    p.add_argument("--skip_first", action="store_true", help="one untimed warm-up iteration first")
+    p.add_argument("--time_file", type=str, default=None, help="write the timed runtime (seconds) here")
+
+
+def check_model_args(opt: argparse.Namespace) -> None:
+    """Reject bad model/speed flag combinations before anything is loaded."""
+    if opt.bf16 and opt.dtype not in (None, "bf16"):
+        raise UserError(f"--bf16 conflicts with --dtype {opt.dtype}")
+    if not opt.demo and not opt.ckpt:
+        raise UserError(f"--ckpt is required (or try --demo, which needs no weights); {WEIGHTS_HELP}")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+    precision: str
+    backends: list
+
+
+def setup(opt: argparse.Namespace) -> Runtime:
+    """Device, dtype, precision scope and SDPA kernels from the flags, checked to work together."""
+    import torch
+    from ldm import runtime
+    device = runtime.pick_device(opt.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    dtype = runtime.DTYPES[opt.dtype or ("bf16" if opt.bf16 else "fp32")]
+    precision = opt.precision or ("autocast" if device.type == "cuda" else "full")
+    backends = runtime.sdpa_backends(opt.disable_math, opt.disable_mem_efficient, opt.disable_flash)
+    runtime.check_sdpa(backends, device, dtype)
+    return Runtime(device, dtype, precision, backends)
+
+
+def resolve_config(opt: argparse.Namespace) -> str:
+    """--config, or the repo config that fits the checkpoint's keys (said on stderr)."""
+    if opt.config:
+        if not os.path.isfile(opt.config):
+            raise UserError(f"config not found: {opt.config}")
+        return opt.config
+    from ldm.checkpoint import read_checkpoint
+    from ldm.detect import guess_config
+    sd, _ = read_checkpoint(opt.ckpt)
+    path, message = guess_config(sd)
+    print(message, file=sys.stderr)
+    return path
+
+
+def build_model(opt: argparse.Namespace, rt: Runtime, demo_config: str = DEMO_CONFIG):
+    """(model, model name) from --ckpt/--config, or a tiny random model for --demo."""
+    import torch
+    from tqdm import tqdm
+    from ldm.attention import set_attention_backend
+    from ldm.checkpoint import load_model
+    if opt.demo:
+        from omegaconf import OmegaConf
+        from ldm.util import instantiate_from_config
+        torch.manual_seed(opt.seed)
+        model = instantiate_from_config(OmegaConf.load(demo_config).model).to(device=rt.device, dtype=rt.dtype)
+        set_attention_backend(model, opt.attention)
+        return model, "demo-tiny-random"
+    if not os.path.isfile(opt.ckpt):
+        raise UserError(f"checkpoint not found: {opt.ckpt}; {WEIGHTS_HELP}")
+    config = resolve_config(opt)
+    with tqdm(total=3, desc="Loading model", unit="stage") as bar:
+        model, report = load_model(config, opt.ckpt, device=rt.device, dtype=rt.dtype, attention=opt.attention,
+                                   progress=lambda stage: bar.update(1))
+    note = " (original layout, converted in memory)" if report.converted else ""
+    print(f"Loaded {opt.ckpt}{note} in {report.seconds:.1f}s", file=sys.stderr)
+    return model, os.path.splitext(os.path.basename(opt.ckpt))[0]
+
+
+def optimize(opt: argparse.Namespace, model, rt: Runtime) -> None:
+    """Apply the speed flags to a loaded model (in place)."""
+    from ldm import runtime
+    if opt.compile:
+        runtime.compile_unet(model, opt.compile_mode, rt.device)
+
+
+def make_sampler(name: str, model, device):
+    """(sampler with the original API, display name) for 'ddim', 'plms' or 'dpm'."""
+    if name == "plms":
+        from ldm.models.diffusion.plms import PLMSSampler
+        return PLMSSampler(model, device=device), "PLMS"
+    if name == "dpm":
+        from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+        return DPMSolverSampler(model, device=device), "DPM++ 2M"
+    from ldm.models.diffusion.ddim import DDIMSampler
+    return DDIMSampler(model, device=device), "DDIM"
+
+
+def write_time_file(path: str | None, seconds: float) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(f"{seconds:.6f}\n")
+
+
+def describe(e: BaseException) -> str:
+    """A one-line message; out-of-memory says which flags reduce memory."""
+    import torch
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower():
+        return ("out of memory: reduce --n_samples or --H/--W, use --dtype fp16/bf16, and keep the fused SDPA "
+                "kernels (drop --disable_mem_efficient/--disable_flash, --attention math)")
+    if isinstance(e, (UserError, ValueError, FileNotFoundError)):
+        return text
+    return f"{type(e).__name__}: {text} (run with --debug for the traceback)"
+
+
+def guarded(opt: argparse.Namespace, fn: Callable[[], int]) -> int:
+    """Run ``fn`` with gradients off; errors become one line on stderr and exit status 1 (--debug re-raises)."""
+    try:
+        import torch
+        torch.set_grad_enabled(False)
+        return fn()
+    except Exception as e:
+        if opt.debug:
+            raise
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return 1
