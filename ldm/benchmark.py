@@ -16,6 +16,9 @@ iterations' sampling and decoding, after one untimed warm-up iteration (where co
   P  the peer: diffusers' StableDiffusionPipeline (SDPA) built from the same weights (ldm.benchmark_peer)
   PC P with diffusers' UNet compiled
   and ``--extra NAME:FLAGS`` configurations of your own (txt2img flags).
+``--ladder`` runs instead the technique ladder (ldm.benchmark_ladder): S0 S1 ... ours and H0 H1 ... the
+peer, each step adding one speed feature (bf16, SDPA, fused projections, channels_last, compile,
+max-autotune, int8), in the Hugging Face post's table style.
 Then, per configuration, the UNet alone in a fresh process (ldm.benchmark_unet): seconds per step, the
 compile time, peak memory and the largest resolution within ``--memory_budget_gb``. Writes NAME-runs.csv,
 NAME-summary.csv, NAME-unet.csv, NAME.md and NAME-summary.png / NAME-runs.png into ``--outdir``.
@@ -71,6 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--configs", default="A,B,C,D,E,P", help=f"comma list of {', '.join(CONFIGS)} (default %(default)s)")
     r.add_argument("--extra", action="append", default=[], metavar="NAME:FLAGS",
                    help='another configuration of txt2img flags, e.g. "bf16:--dtype bf16" (repeatable)')
+    r.add_argument("--ladder", action="store_true",
+                   help="the technique ladder S0..S7 (ours) and H0..H7 (diffusers) instead of --configs")
+    r.add_argument("--ladder_steps", type=int, default=None, help="only the first K steps of the ladder")
+    r.add_argument("--ladder_dtype", choices=["bf16", "fp16"], default="bf16",
+                   help="the reduced precision of the ladder's step 1")
+    r.add_argument("--no_peer", action="store_true", help="the ladder without diffusers' H configurations")
     r.add_argument("--repeats", "-N", type=int, default=10, help="times the sequence A B C ... is repeated")
     r.add_argument("--batch", default="1", help="batch sizes (n_samples), comma list of 1, 2, 4, ...")
     r.add_argument("--steps", type=int, default=50)
@@ -108,8 +117,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return opt
 
 
+def ladder_configs(opt: argparse.Namespace) -> list[Config]:
+    """S0 H0 S1 H1 ...: the ladder's cumulative flags, ours and the peer's, interleaved."""
+    from ldm.benchmark_ladder import cumulative, steps
+    ladder = steps(opt.ladder_dtype)[: opt.ladder_steps]
+    peer = not opt.no_peer and all(importlib.util.find_spec(m) for m in ("diffusers", "transformers"))
+    chosen = []
+    for k, (step, (ours, theirs)) in enumerate(zip(ladder, cumulative(ladder))):
+        chosen.append(Config(f"S{k}", step.name, ours))
+        if peer:
+            chosen.append(Config(f"H{k}", "diffusers " + step.name, theirs, peer=True))
+    return chosen
+
+
 def select_configs(opt: argparse.Namespace) -> tuple[list[Config], list[str]]:
     """The configurations to run, in order, and notes on the ones skipped."""
+    if opt.ladder:
+        return ladder_configs(opt), ["ladder: the UNet microbenchmark is skipped (--unet_iters 0)"]
     chosen, notes = [], []
     for key in [k.strip() for k in opt.configs.split(",") if k.strip()]:
         if key not in CONFIGS:
@@ -298,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = opt.dtype or ("fp16" if device.type == "cuda" else "fp32")
     batches = [int(b) for b in opt.batch.split(",")]
     configs, notes = select_configs(opt)
+    if opt.ladder:
+        opt.unet_iters = 0
     config, ckpt, model_name = prepare_model(opt)
     os.makedirs(opt.outdir, exist_ok=True)
     base = os.path.join(opt.outdir, opt.name)
@@ -360,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     report.write_csv(base + "-summary.csv", summary, report.SUMMARY_FIELDS)
     report.write_csv(base + "-unet.csv", unet_rows, report.UNET_FIELDS)
     text = report.markdown(summary, unet_rows, header, notes)
+    if opt.ladder:
+        from ldm.benchmark_ladder import steps, table
+        ladder = steps(opt.ladder_dtype)[: opt.ladder_steps]
+        text += "\n\n" + "\n\n".join("\n".join(table(summary, ladder, b)) for b in batches)
     with open(base + ".md", "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print(text)

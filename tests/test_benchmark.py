@@ -211,3 +211,38 @@ def test_memory_estimate_math_is_quadratic_sdpa_is_not():
     assert scores <= math_small < 4 * scores
     assert 12 < math_big / math_small <= 16.5
     assert sdpa_big / sdpa_small < 5 and sdpa_small < scores / 4
+
+
+def test_ladder_adds_one_technique_per_step():
+    from ldm.benchmark_ladder import cumulative, steps, table
+    ladder = steps("bf16")
+    flags = cumulative(ladder)
+    ours = [set(" ".join(f[0]).replace("--dtype fp32", "dtype=fp32").replace("--dtype bf16", "dtype=bf16").split())
+            for f in flags]
+    assert flags[0][0] == ("--dtype", "fp32", "--attention", "math", "--unfused_projections")
+    assert flags[1][0] == ("--attention", "math", "--unfused_projections", "--dtype", "bf16")
+    assert flags[2][0] == ("--unfused_projections", "--dtype", "bf16")
+    assert flags[3][0] == ("--dtype", "bf16")
+    assert flags[-1][0] == ("--dtype", "bf16", "--channels_last", "--compile", "--compile_mode", "max-autotune",
+                            "--int8")
+    assert flags[3][1] == ("--dtype", "bf16", "--fuse_projections")
+    assert flags[-1][1][-1] == "--int8" and "--attention" not in flags[-1][1]
+    for before, after in zip(ours, ours[1:]):  # every step changes something, and only adds from step 2 on
+        assert before != after
+    # the table: speed-ups are step 0's seconds over each step's, ours/peer is the peer's seconds over ours
+    summary = [{"batch": 1, "config": c, "mean_s": s} for c, s in
+               [("S0", 8.0), ("H0", 10.0), ("S1", 4.0), ("H1", 5.0)]]
+    rows = table(summary, ladder[:2], 1)
+    assert rows[4].split("|")[3:8] == [" 8 ", " 1.00x ", " 10 ", " 1.00x ", " 1.25x "]
+    assert rows[5].split("|")[3:8] == [" 4 ", " 2.00x ", " 5 ", " 2.00x ", " 1.25x "]
+
+
+def test_ladder_configs_interleave_ours_and_peer():
+    opt = benchmark.parse_args(["--random", "tiny", "--ladder", "--ladder_steps", "3"])
+    configs, _ = benchmark.select_configs(opt)
+    keys = [c.key for c in configs]
+    if importlib.util.find_spec("diffusers"):
+        assert keys == ["S0", "H0", "S1", "H1", "S2", "H2"]
+        assert [c.peer for c in configs] == [False, True] * 3
+    opt = benchmark.parse_args(["--random", "tiny", "--ladder", "--no_peer"])
+    assert [c.key for c in benchmark.select_configs(opt)[0]] == [f"S{k}" for k in range(8)]
