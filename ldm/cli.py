@@ -117,6 +117,16 @@ def build_model(opt: argparse.Namespace, rt: Runtime, demo_config: str = DEMO_CO
     return model, os.path.splitext(os.path.basename(opt.ckpt))[0]
 
 
+def native_size(model, demo: bool = False) -> int:
+    """The image side the model was trained at: 768 for SD 2's v-prediction release (768-v), else 512 (64 for --demo).
+
+    The yamls do not say it (``image_size`` is 64 latents in both SD 2 configs); eps vs v is the only difference.
+    """
+    if demo:
+        return 64
+    return 768 if model.parameterization == "v" else 512
+
+
 def optimize(opt: argparse.Namespace, model, rt: Runtime) -> None:
     """Apply the speed flags to a loaded model (in place)."""
     from ldm import runtime

@@ -21,7 +21,7 @@ if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, ROOT)
 
 from ldm.cli import (UserError, add_model_args, add_speed_args, build_model, check_model_args, describe,  # noqa: E402,F401
-                     guarded, make_sampler, optimize, setup, write_time_file)
+                     guarded, make_sampler, native_size, optimize, setup, write_time_file)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,8 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fixed_code", action="store_true", help="the same starting code for every iteration")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--n_iter", type=int, default=3, help="sample this often")
-    p.add_argument("--H", type=int, default=None, help="image height in pixels (default 512; 64 with --demo)")
-    p.add_argument("--W", type=int, default=None, help="image width in pixels (default 512; 64 with --demo)")
+    p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's native size, 768 for SD 2 768-v, 512 otherwise, 64 with --demo)")
+    p.add_argument("--W", type=int, default=None, help="image width in pixels (default: as --H)")
     p.add_argument("--C", type=int, default=4, help="latent channels")
     p.add_argument("--f", type=int, default=8, help="downsampling factor of the VAE")
     p.add_argument("--n_samples", type=int, default=3, help="batch size: samples per prompt")
@@ -62,11 +62,17 @@ def check_args(opt: argparse.Namespace) -> None:
     for name in ("steps", "n_iter", "n_samples", "f", "C", "repeat"):
         if getattr(opt, name) < 1:
             raise UserError(f"--{name} must be at least 1")
+    check_size(opt)
+    check_model_args(opt)
+
+
+def check_size(opt: argparse.Namespace) -> None:
     for name in ("H", "W"):
         v = getattr(opt, name)
+        if v is None:
+            continue
         if v < 8 or v % 8 or v % opt.f:
             raise UserError(f"--{name} {v} must be a positive multiple of 8 and of the latent factor --f {opt.f}")
-    check_model_args(opt)
 
 
 def read_prompts(opt: argparse.Namespace) -> list[list[str]]:
@@ -95,6 +101,11 @@ def run(opt: argparse.Namespace) -> dict:
 
     model, model_name = build_model(opt, rt)
     sampler, sampler_name = make_sampler("plms" if opt.plms else "dpm" if opt.dpm else "ddim", model, device)
+    if opt.H is None or opt.W is None:
+        size = native_size(model, opt.demo)
+        print(f"--H/--W not given: {opt.H or size}x{opt.W or size}, this model's native size", file=sys.stderr)
+        opt.H, opt.W = opt.H or size, opt.W or size
+        check_size(opt)
     optimize(opt, model, rt)
 
     sample_dir = os.path.join(opt.outdir, "samples")
@@ -153,10 +164,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(opt: argparse.Namespace) -> int:
-    if opt.H is None:
-        opt.H = 64 if opt.demo else 512
-    if opt.W is None:
-        opt.W = 64 if opt.demo else 512
     check_args(opt)
     if opt.demo:
         print("--demo: a tiny model with RANDOM weights; the image will be noise. "
