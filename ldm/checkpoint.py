@@ -180,6 +180,10 @@ def to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 _EXTRA_PREFIXES = ("model_ema.", "loss.", "first_stage_model.loss.", "cond_stage_model.model.visual.",
                    "optimizer", "lr_scheduler")
 _EXTRA_KEYS = {"lvlb_weights", "logvar", "global_step", "epoch"}
+# Kept by the converter, ignored when loading: transformers' CLIP saved its arange(77) position ids (a buffer,
+# not a weight) until 4.31, so SD 1.x files carry them; the text tower uses positions 0..T-1 as newer transformers.
+CLIP_POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+DERIVED_KEYS = {CLIP_POSITION_IDS}
 
 
 def split_extras(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -229,6 +233,7 @@ def prepare_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], stri
     if ema:
         sd = take_ema(sd)
     sd, _ = split_extras(sd)
+    sd = {k: v for k, v in sd.items() if k not in DERIVED_KEYS}
     if detect_layout(sd) == "original":
         sd = to_native(sd)
     own = model.state_dict()
@@ -269,7 +274,7 @@ class LoadReport:
 
 def load_config(config: Any):
     """A DiffusionConfig from a yaml path, an OmegaConf/dict of the whole file or of ``model``, or itself."""
-    from ldm.latent_diffusion import DiffusionConfig
+    from ldm.latent_diffusion import INPAINT_TARGETS, DiffusionConfig, model_config
     from ldm.config_utils import to_plain
     if isinstance(config, DiffusionConfig):
         return config
@@ -281,9 +286,10 @@ def load_config(config: Any):
     node = to_plain(config)
     node = node.get("model", node)
     target = node.get("target", "ldm.models.diffusion.ddpm.LatentDiffusion")
-    if not target.endswith("LatentDiffusion"):
-        raise CheckpointError(f"config model target {target!r} is not supported (LatentDiffusion)")
-    return DiffusionConfig.from_params(node.get("params", {}))
+    if not target.endswith("LatentDiffusion") and target not in INPAINT_TARGETS:
+        raise CheckpointError(f"config model target {target!r} is not supported (LatentDiffusion, "
+                              f"LatentInpaintDiffusion)")
+    return model_config(target, node.get("params", {}))
 
 
 def load_model(config: Any, ckpt: str | os.PathLike, device: str | torch.device = "cpu",
@@ -296,7 +302,7 @@ def load_model(config: Any, ckpt: str | os.PathLike, device: str | torch.device 
     """
     step = progress or (lambda stage: None)
     from ldm.attention import set_attention_backend
-    from ldm.latent_diffusion import LatentDiffusion
+    from ldm.latent_diffusion import model_class
     start = time.perf_counter()
     cfg = load_config(config)
     raw, _ = read_checkpoint(ckpt)
@@ -304,7 +310,7 @@ def load_model(config: Any, ckpt: str | os.PathLike, device: str | torch.device 
     layout = detect_layout(raw)
     _, dropped = split_extras(raw)
     with torch.device("meta"):
-        model = LatentDiffusion(cfg)
+        model = model_class(cfg)(cfg)
     model.load_state_dict(prepare_state_dict(model, raw, strict=True, ema=ema), strict=True, assign=True)
     step("load")
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

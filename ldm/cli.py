@@ -88,7 +88,8 @@ def resolve_config(opt: argparse.Namespace) -> str:
     from ldm.checkpoint import read_checkpoint
     from ldm.detect import guess_config
     sd, _ = read_checkpoint(opt.ckpt)
-    path, message = guess_config(sd)
+    path, message = guess_config(sd, os.path.basename(opt.ckpt))
+    del sd
     print(message, file=sys.stderr)
     return path
 

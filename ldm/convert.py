@@ -41,8 +41,11 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 FAMILIES = {768: "SD 1.x (CLIP ViT-L/14 text encoder, context width 768)",
             1024: "SD 2.x (OpenCLIP ViT-H/14 text encoder, context width 1024)"}
 SD2_CONFIG = os.path.join(ROOT, "configs", "stable-diffusion", "v2-inference.yaml")
+SD1_CONFIG = os.path.join(ROOT, "configs", "stable-diffusion", "v1-inference.yaml")
+CHECK_CONFIGS = {768: SD1_CONFIG, 1024: SD2_CONFIG}  # context width -> the yaml --check uses by default
 EPS_OR_V = ("eps vs v prediction is not stored in the weights; the config decides: v2-inference{0}.yaml for "
             "512px eps models (e.g. v2-1_512-ema-pruned), v2-inference-v{0}.yaml for 768px v models (v2-1_768-*)")
+SD1_NOTE = "SD 1.x models predict eps: use configs/stable-diffusion/v1-inference{0}.yaml"
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
@@ -81,9 +84,12 @@ def context_width(sd: dict[str, torch.Tensor]) -> int | None:
 
 
 def model_family(sd: dict[str, torch.Tensor]) -> str:
-    """'SD 1.x (...)', 'SD 2.x (...)' or 'unknown (...)' from the cross-attention context width."""
+    """'SD 1.x (...)', 'SD 2.x (...)' or 'unknown (...)' from the context width (and the text encoder's keys)."""
     width = context_width(sd)
-    return FAMILIES.get(width, f"unknown family (cross-attention context width {width})")
+    if width in FAMILIES:
+        return FAMILIES[width]
+    clip = any(k.startswith("cond_stage_model.transformer.") for k in sd)
+    return f"unknown family (cross-attention context width {width}{', SD 1.x-style CLIP text encoder' if clip else ''})"
 
 
 def source_layout(sd: dict[str, torch.Tensor]) -> str:
@@ -272,9 +278,9 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, to: str = "nat
     sd, dropped = split_extras(sd)
     report = ConversionReport(source, target, layout_in, to, model_family(sd), dtype=dtype or "as stored", ema=ema,
                               dropped=dropped, not_carried=sorted(meta))
-    if check and config is None and context_width(sd) != 1024:
+    if check and config is None and context_width(sd) not in CHECK_CONFIGS:
         raise UsageError(f"--check needs --config for this checkpoint ({report.family})")
-    unet_cfg = unet_config(config or SD2_CONFIG) if check else None  # fail before the long part
+    unet_cfg = unet_config(config or CHECK_CONFIGS[context_width(sd)]) if check else None  # fail before the long part
     if to != layout_in:
         sd = to_native(sd) if to == "native_mha" else to_original(sd)
 
@@ -319,9 +325,10 @@ def _group(names: list[str]) -> str:
 def summary(r: ConversionReport) -> list[str]:
     """The lines ``ldm-convert`` prints for a finished conversion."""
     change = "unchanged" if r.layout_in == r.layout_out else f"{r.layout_in} -> {r.layout_out}"
+    suffix = "_native_mha" if r.layout_out == "native_mha" else ""
     lines = [f"read:    {r.source} ({r.layout_in} layout)",
              f"model:   {r.family}",
-             f"note:    {EPS_OR_V.format('_native_mha' if r.layout_out == 'native_mha' else '')}"]
+             f"note:    {(SD1_NOTE if 'SD 1.x' in r.family else EPS_OR_V).format(suffix)}"]
     if r.ema:
         lines.append("ema:     UNet weights taken from model_ema.*")
     if r.dropped:
@@ -350,7 +357,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="compare the UNet output of the input and the written file on a seeded input")
     p.add_argument("--config", default=None,
-                   help="model yaml for --check (default for SD 2.x: configs/stable-diffusion/v2-inference.yaml)")
+                   help="model yaml for --check (default: configs/stable-diffusion/v1-inference.yaml for SD 1.x, "
+                        "v2-inference.yaml for SD 2.x)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show the traceback on errors")
     return p

@@ -11,21 +11,27 @@ one way to make that config (``LatentDiffusion(**params)``, which is what
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from ldm.config_utils import take_params, to_plain
 from ldm.schedule import BUFFER_NAMES, make_betas, schedule_buffers
+from ldm.clip_text import CLIPTextConfig, FrozenCLIPEmbedder
 from ldm.text_encoder import FrozenOpenCLIPEmbedder, TextConfig
 from ldm.unet import UNetConfig, UNetModel
 from ldm.vae import AutoencoderKL, DiagonalGaussianDistribution, VAEConfig
 
 UNET_TARGETS = {"ldm.modules.diffusionmodules.openaimodel.UNetModel", "ldm.unet.UNetModel"}
 VAE_TARGETS = {"ldm.models.autoencoder.AutoencoderKL", "ldm.vae.AutoencoderKL"}
-TEXT_TARGETS = {"ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder", "ldm.text_encoder.FrozenOpenCLIPEmbedder"}
+# cond_stage_config target -> the typed config of that text encoder (OpenCLIP for SD 2.x, CLIP for SD 1.x).
+TEXT_TARGETS = {"ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": TextConfig,
+                "ldm.text_encoder.FrozenOpenCLIPEmbedder": TextConfig,
+                "ldm.modules.encoders.modules.FrozenCLIPEmbedder": CLIPTextConfig,
+                "ldm.clip_text.FrozenCLIPEmbedder": CLIPTextConfig}
 LAYOUTS = ("original", "native_mha")
+CONDITIONING_KEYS = ("crossattn", "hybrid")  # hybrid: x concatenated with c_concat, plus cross-attention
 
 _IGNORED = {"base_learning_rate", "num_timesteps_cond", "log_every_t", "first_stage_key", "cond_stage_key",
             "cond_stage_trainable", "monitor", "use_ema", "scale_by_std", "ckpt_path", "ignore_keys",
@@ -49,7 +55,7 @@ def _sub(owner: str, node: dict, targets: set[str]) -> dict:
 class DiffusionConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
-    text: TextConfig = field(default_factory=TextConfig)
+    text: TextConfig | CLIPTextConfig = field(default_factory=TextConfig)
     timesteps: int = 1000
     beta_schedule: str = "linear"
     linear_start: float = 0.00085
@@ -58,12 +64,17 @@ class DiffusionConfig:
     parameterization: str = "eps"
     scale_factor: float = 0.18215
     checkpoint_layout: str = "original"
+    conditioning_key: str = "crossattn"
+    concat_keys: tuple[str, ...] = ()    # LatentInpaintDiffusion: the c_concat parts, in channel order
+    masked_image_key: str | None = None  # the one of concat_keys that is VAE-encoded (the others are masks)
 
     @classmethod
     def from_params(cls, params: dict) -> "DiffusionConfig":
         """Map the original yaml's ``model.params``; unknown keys are errors, training-only keys are ignored."""
-        p = take_params("LatentDiffusion", to_plain(params), _IGNORED, {"conditioning_key": "crossattn"},
-                        known=_KNOWN)
+        p = take_params("LatentDiffusion", to_plain(params), _IGNORED, {}, known=_KNOWN)
+        key = p.get("conditioning_key", "crossattn")
+        if key not in CONDITIONING_KEYS:
+            raise ValueError(f"LatentDiffusion: conditioning_key={key!r} is not supported (one of {CONDITIONING_KEYS})")
         param = p.get("parameterization", "eps")
         if param not in ("eps", "v"):
             raise ValueError(f"LatentDiffusion: parameterization={param!r} is not supported (eps or v)")
@@ -73,11 +84,12 @@ class DiffusionConfig:
         return cls(
             unet=UNetConfig.from_params(_sub("unet_config", p["unet_config"], UNET_TARGETS)),
             vae=VAEConfig.from_params(_sub("first_stage_config", p["first_stage_config"], VAE_TARGETS)),
-            text=TextConfig.from_params(_sub("cond_stage_config", p["cond_stage_config"], TEXT_TARGETS)),
+            text=TEXT_TARGETS.get(p["cond_stage_config"].get("target"), TextConfig).from_params(  # _sub rejects others
+                _sub("cond_stage_config", p["cond_stage_config"], TEXT_TARGETS)),
             timesteps=p.get("timesteps", 1000), beta_schedule=p.get("beta_schedule", "linear"),
             linear_start=p.get("linear_start", 1e-4), linear_end=p.get("linear_end", 2e-2),
             cosine_s=p.get("cosine_s", 8e-3), parameterization=param, scale_factor=p.get("scale_factor", 1.0),
-            checkpoint_layout=layout)
+            checkpoint_layout=layout, conditioning_key=key)
 
     def betas(self) -> torch.Tensor:
         """float64 CPU betas of this model's training schedule."""
@@ -85,14 +97,25 @@ class DiffusionConfig:
 
 
 class DiffusionWrapper(nn.Module):
-    """Holds the UNet as ``diffusion_model`` (the checkpoint prefix ``model.diffusion_model.``)."""
+    """Holds the UNet as ``diffusion_model`` (the checkpoint prefix ``model.diffusion_model.``).
 
-    def __init__(self, unet: UNetModel):
+    "crossattn": UNet(x, t, context); "hybrid" (inpainting): UNet(cat([x, *c_concat], channels), t, context).
+    """
+
+    def __init__(self, unet: UNetModel, conditioning_key: str = "crossattn"):
         super().__init__()
+        if conditioning_key not in CONDITIONING_KEYS:
+            raise ValueError(f"conditioning_key={conditioning_key!r} is not supported (one of {CONDITIONING_KEYS})")
         self.diffusion_model = unet
-        self.conditioning_key = "crossattn"
+        self.conditioning_key = conditioning_key
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c_crossattn: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list[torch.Tensor] | None = None,
+                c_crossattn: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """UNet output (B, C, H, W) for x (B, C, H, W); c_concat entries are (B, C_i, H, W)."""
+        if self.conditioning_key == "hybrid":
+            if not c_concat:
+                raise ValueError("hybrid conditioning needs c_concat (e.g. the inpainting mask and masked-image latent)")
+            x = torch.cat([x, *c_concat], 1)  # (B, C + sum C_i, H, W)
         context = c_crossattn[0] if len(c_crossattn) == 1 else torch.cat(c_crossattn, 1)
         return self.diffusion_model(x, t, context)
 
@@ -108,9 +131,10 @@ class LatentDiffusion(nn.Module):
         self.scale_factor = cfg.scale_factor
         self.num_timesteps = cfg.timesteps
         self.channels = cfg.unet.in_channels
-        self.model = DiffusionWrapper(UNetModel(cfg.unet))
+        self.model = DiffusionWrapper(UNetModel(cfg.unet), cfg.conditioning_key)
         self.first_stage_model = AutoencoderKL(cfg.vae)
-        self.cond_stage_model = FrozenOpenCLIPEmbedder(cfg.text)
+        text_encoder = FrozenCLIPEmbedder if isinstance(cfg.text, CLIPTextConfig) else FrozenOpenCLIPEmbedder
+        self.cond_stage_model = text_encoder(cfg.text)
         # Real CPU tables even when the model is built under torch.device("meta"): a checkpoint
         # without them (they are derived data) still loads.
         with torch.device("cpu"):
@@ -149,16 +173,23 @@ class LatentDiffusion(nn.Module):
         return self.cond_stage_model.encode(c)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond, return_ids: bool = False) -> torch.Tensor:
-        """UNet output (eps or v) for latents x_noisy at integer timesteps t given the text context."""
+        """UNet output (eps or v) for latents x_noisy at timesteps t.
+
+        ``cond``: the text context (or a list of them), or the original's dict
+        ``{"c_concat": [...], "c_crossattn": [...]}`` that hybrid (inpainting) models need.
+        """
+        c_concat = None
         if isinstance(cond, dict):
-            cond = cond["c_crossattn"]
+            c_concat, cond = cond.get("c_concat"), cond["c_crossattn"]
         if not isinstance(cond, list):
             cond = [cond]
-        return self.model(x_noisy, t, c_crossattn=cond)
+        return self.model(x_noisy, t, c_concat=c_concat, c_crossattn=cond)
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False):
-        return self.first_stage_model.decode(z / self.scale_factor)
+        """Images in about [-1, 1]; sliced/tiled per ``first_stage_model.set_memory_savers``; a reduced-precision
+        decode that overflows is redone in fp32 with a warning (``AutoencoderKL.decode_checked``)."""
+        return self.first_stage_model.decode_checked(z / self.scale_factor)
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
@@ -187,4 +218,69 @@ class LatentDiffusion(nn.Module):
         return self._at(self.sqrt_alphas_cumprod, t, x_t) * v + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
 
 
-__all__ = ["LatentDiffusion", "DiffusionConfig", "DiffusionWrapper", "BUFFER_NAMES"]
+# ----- inpainting (the original LatentInpaintDiffusion, inference only) -----
+
+INPAINT_TARGETS = {"ldm.models.diffusion.ddpm.LatentInpaintDiffusion", "ldm.latent_diffusion.LatentInpaintDiffusion"}
+# LatentFinetuneDiffusion's training-time options: re-shaping input weights of a txt2img checkpoint, logging
+_INPAINT_IGNORED = {"finetune_keys", "keep_finetune_dims", "c_concat_log_start", "c_concat_log_end"}
+
+
+def inpaint_config(params: dict) -> DiffusionConfig:
+    """Map ``LatentInpaintDiffusion``'s yaml params: hybrid conditioning over [x, mask, masked-image latent]."""
+    p = {k: v for k, v in to_plain(params).items() if k not in _INPAINT_IGNORED}
+    concat_keys = tuple(p.pop("concat_keys", ("mask", "masked_image")))
+    masked = p.pop("masked_image_key", "masked_image")
+    if masked not in concat_keys or len(concat_keys) != 2:
+        raise ValueError(f"LatentInpaintDiffusion: concat_keys={list(concat_keys)} must be a mask key and "
+                         f"masked_image_key {masked!r}")
+    cfg = DiffusionConfig.from_params(p)
+    if cfg.conditioning_key != "hybrid":
+        raise ValueError(f"LatentInpaintDiffusion: conditioning_key={cfg.conditioning_key!r} (only 'hybrid')")
+    want = 2 * cfg.vae.embed_dim + 1  # latent + masked-image latent + one mask channel
+    if cfg.unet.in_channels != want or cfg.unet.out_channels != cfg.vae.embed_dim:
+        raise ValueError(f"LatentInpaintDiffusion: the UNet needs in_channels={want} and out_channels="
+                         f"{cfg.vae.embed_dim} (got {cfg.unet.in_channels} and {cfg.unet.out_channels})")
+    return replace(cfg, concat_keys=concat_keys, masked_image_key=masked)
+
+
+class LatentInpaintDiffusion(LatentDiffusion):
+    """SD 2 inpainting: the UNet sees cat([x, mask, masked-image latent]) (9 channels) and the text context.
+
+    ``c_concat`` is built in ``concat_keys`` order (ldm.pipelines.inpaint_conditioning): the mask resized to
+    the latent size, and the VAE latent of the image with the repainted region zeroed.
+    """
+
+    def __init__(self, cfg: DiffusionConfig | None = None, **params):
+        cfg = cfg if cfg is not None else inpaint_config(params)
+        if cfg.conditioning_key != "hybrid" or cfg.masked_image_key not in cfg.concat_keys:
+            raise ValueError("LatentInpaintDiffusion needs a hybrid config with concat_keys (see inpaint_config)")
+        super().__init__(cfg)
+
+    @property
+    def concat_keys(self) -> tuple[str, ...]:
+        return self.cfg.concat_keys
+
+    @property
+    def masked_image_key(self) -> str:
+        return self.cfg.masked_image_key
+
+    @torch.no_grad()
+    def get_unconditional_conditioning(self, batch_size: int, null_label: str = "") -> torch.Tensor:
+        """(batch_size, 77, D) context of ``null_label``, the unconditional half of classifier-free guidance."""
+        return self.get_learned_conditioning(batch_size * [null_label])
+
+
+def model_config(target: str, params: dict) -> DiffusionConfig:
+    """The typed config of a yaml ``model`` node: LatentDiffusion or LatentInpaintDiffusion params."""
+    if target in INPAINT_TARGETS:
+        return inpaint_config(params)
+    return DiffusionConfig.from_params(params)
+
+
+def model_class(cfg: DiffusionConfig) -> type[LatentDiffusion]:
+    """The class that runs ``cfg``: LatentInpaintDiffusion for inpainting configs, else LatentDiffusion."""
+    return LatentInpaintDiffusion if cfg.concat_keys else LatentDiffusion
+
+
+__all__ = ["LatentDiffusion", "LatentInpaintDiffusion", "DiffusionConfig", "DiffusionWrapper", "BUFFER_NAMES",
+           "inpaint_config", "model_config", "model_class"]

@@ -4,12 +4,14 @@
     python scripts/make_random_checkpoint.py /tmp/sd2_random.ckpt                      # full SD2, 5.2 GB
     python scripts/make_random_checkpoint.py tiny.safetensors --config configs/tiny/v2-tiny.yaml --seed 1
     python scripts/make_random_checkpoint.py /tmp/sd2_native.ckpt --layout native_mha --dtype fp16
+    python scripts/make_random_checkpoint.py /tmp/sd1_random.ckpt --model sd1                    # full SD1, 4.3 GB
 
 The model is built on the meta device (no memory), and each tensor is drawn from its own generator
 (seeded by --seed and the tensor's name) and streamed to a .safetensors file in the original layout,
 so at most one tensor is in memory. Other outputs (.ckpt, --layout native_mha, --dtype) are then made
 from that file by ldm.convert, which reads it memory-mapped. Same --seed, same weights, whatever the
-layout or format; the noise-schedule buffers hold their real values.
+layout or format; the noise-schedule buffers hold their real values. SD 1.x files (a CLIP text encoder)
+also get the ``...embeddings.position_ids`` buffer (int64 arange) that the released SD 1.x checkpoints carry.
 """
 
 import argparse
@@ -24,9 +26,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import torch
 
-from ldm.checkpoint import load_config, to_original
-from ldm.convert import DTYPES, SD2_CONFIG, atomic_write, convert, output_format, write_safetensors
+from ldm.checkpoint import CLIP_POSITION_IDS, load_config, to_original
+from ldm.clip_text import FrozenCLIPEmbedder
+from ldm.convert import DTYPES, SD1_CONFIG, SD2_CONFIG, atomic_write, convert, output_format, write_safetensors
 from ldm.latent_diffusion import LatentDiffusion
+
+CONFIGS = {"sd2": SD2_CONFIG, "sd1": SD1_CONFIG}  # --model -> full-size yaml
 
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -45,6 +50,9 @@ def make_random_checkpoint(out: str, config: str = SD2_CONFIG, layout: str = "or
     with torch.device("meta"):
         model = LatentDiffusion(load_config(config))
     sd = to_original(model.state_dict())  # meta tensors, except the real schedule buffers
+    if isinstance(model.cond_stage_model, FrozenCLIPEmbedder):
+        # (1, 77) int64, as the released SD 1.x files hold it
+        sd[CLIP_POSITION_IDS] = torch.arange(model.cond_stage_model.cfg.context_length)[None]
     specs = {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()}
 
     def produce(name: str) -> torch.Tensor:
@@ -65,13 +73,15 @@ def make_random_checkpoint(out: str, config: str = SD2_CONFIG, layout: str = "or
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("output", help=".ckpt/.pt/.pth or .safetensors file to write")
-    p.add_argument("--config", default=SD2_CONFIG, help="model yaml (default: the full SD2 v2-inference.yaml)")
+    p.add_argument("--config", default=None, help="model yaml (default: the full-size yaml of --model)")
+    p.add_argument("--model", choices=list(CONFIGS), default="sd2",
+                   help="sd2 (v2-inference.yaml, the default) or sd1 (v1-inference.yaml); ignored with --config")
     p.add_argument("--layout", choices=["original", "native_mha"], default="original")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float32")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    make_random_checkpoint(args.output, args.config, args.layout, args.seed, args.dtype,
+    make_random_checkpoint(args.output, args.config or CONFIGS[args.model], args.layout, args.seed, args.dtype,
                            progress=False if args.quiet else None)
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 1e9:.2f} GB, {args.layout} layout, seed {args.seed})")
     return 0
