@@ -65,6 +65,23 @@ class Runtime:
     backends: list
 
 
+def read_prompts(opt: argparse.Namespace) -> list[list[str]]:
+    """Batches of prompts, as the original: the prompt n_samples times, or the file's lines (each
+    ``--repeat`` times where the script has that flag) chunked into batches of n_samples."""
+    from itertools import islice
+    if not opt.from_file:
+        return [opt.n_samples * [opt.prompt]]
+    if not os.path.isfile(opt.from_file):
+        raise UserError(f"prompt file not found: {opt.from_file}")
+    with open(opt.from_file, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"prompt file {opt.from_file} has no prompts")
+    lines = [p for p in lines for _ in range(getattr(opt, "repeat", 1))]
+    it = iter(lines)
+    return [list(b) for b in iter(lambda: tuple(islice(it, opt.n_samples)), ())]
+
+
 def setup(opt: argparse.Namespace) -> Runtime:
     """Device, dtype, precision scope and SDPA kernels from the flags, checked to work together."""
     import torch
@@ -158,8 +175,8 @@ def describe(e: BaseException) -> str:
     import torch
     text = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower():
-        return ("out of memory: reduce --n_samples or --H/--W, use --dtype fp16/bf16, and keep the fused SDPA "
-                "kernels (drop --disable_mem_efficient/--disable_flash, --attention math)")
+        return ("out of memory: reduce --n_samples or the image size, use --dtype fp16/bf16, and keep the fused "
+                "SDPA kernels (drop --disable_mem_efficient/--disable_flash, --attention math)")
     if isinstance(e, (UserError, ValueError, FileNotFoundError)):
         return text
     return f"{type(e).__name__}: {text} (run with --debug for the traceback)"

@@ -42,10 +42,10 @@ FAMILIES = {768: "SD 1.x (CLIP ViT-L/14 text encoder, context width 768)",
             1024: "SD 2.x (OpenCLIP ViT-H/14 text encoder, context width 1024)"}
 SD2_CONFIG = os.path.join(ROOT, "configs", "stable-diffusion", "v2-inference.yaml")
 SD1_CONFIG = os.path.join(ROOT, "configs", "stable-diffusion", "v1-inference.yaml")
-CHECK_CONFIGS = {768: SD1_CONFIG, 1024: SD2_CONFIG}  # context width -> the yaml --check uses by default
 EPS_OR_V = ("eps vs v prediction is not stored in the weights; the config decides: v2-inference{0}.yaml for "
             "512px eps models (e.g. v2-1_512-ema-pruned), v2-inference-v{0}.yaml for 768px v models (v2-1_768-*)")
 SD1_NOTE = "SD 1.x models predict eps: use configs/stable-diffusion/v1-inference{0}.yaml"
+INPAINT_NOTE = "a 9-channel inpainting UNet: use configs/stable-diffusion/{1}-inpainting-inference{0}.yaml"
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
@@ -86,8 +86,10 @@ def context_width(sd: dict[str, torch.Tensor]) -> int | None:
 def model_family(sd: dict[str, torch.Tensor]) -> str:
     """'SD 1.x (...)', 'SD 2.x (...)' or 'unknown (...)' from the context width (and the text encoder's keys)."""
     width = context_width(sd)
+    first = sd.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    inpaint = ", inpainting: 9-channel UNet input" if first is not None and first.shape[1] == 9 else ""
     if width in FAMILIES:
-        return FAMILIES[width]
+        return FAMILIES[width][:-1] + inpaint + ")"
     clip = any(k.startswith("cond_stage_model.transformer.") for k in sd)
     return f"unknown family (cross-attention context width {width}{', SD 1.x-style CLIP text encoder' if clip else ''})"
 
@@ -278,9 +280,13 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, to: str = "nat
     sd, dropped = split_extras(sd)
     report = ConversionReport(source, target, layout_in, to, model_family(sd), dtype=dtype or "as stored", ema=ema,
                               dropped=dropped, not_carried=sorted(meta))
-    if check and config is None and context_width(sd) not in CHECK_CONFIGS:
-        raise UsageError(f"--check needs --config for this checkpoint ({report.family})")
-    unet_cfg = unet_config(config or CHECK_CONFIGS[context_width(sd)]) if check else None  # fail before the long part
+    if check and config is None:
+        from ldm.detect import guess_config
+        try:
+            config = guess_config(sd)[0]
+        except CheckpointError as e:
+            raise UsageError(f"--check needs --config for this checkpoint ({report.family}): {e}") from e
+    unet_cfg = unet_config(config) if check else None  # fail before the long part
     if to != layout_in:
         sd = to_native(sd) if to == "native_mha" else to_original(sd)
 
@@ -322,13 +328,20 @@ def _group(names: list[str]) -> str:
     return ", ".join(f"{p}.* ({len(ns)})" if len(ns) > 1 or ns[0] != p else p for p, ns in groups.items())
 
 
+def note(family: str) -> str:
+    """Which repo config goes with this family (a format string of the layout suffix and v1/v2)."""
+    if "inpainting" in family:
+        return INPAINT_NOTE
+    return SD1_NOTE if "SD 1.x" in family else EPS_OR_V
+
+
 def summary(r: ConversionReport) -> list[str]:
     """The lines ``ldm-convert`` prints for a finished conversion."""
     change = "unchanged" if r.layout_in == r.layout_out else f"{r.layout_in} -> {r.layout_out}"
     suffix = "_native_mha" if r.layout_out == "native_mha" else ""
     lines = [f"read:    {r.source} ({r.layout_in} layout)",
              f"model:   {r.family}",
-             f"note:    {(SD1_NOTE if 'SD 1.x' in r.family else EPS_OR_V).format(suffix)}"]
+             f"note:    {note(r.family).format(suffix, 'v1' if 'SD 1.x' in r.family else 'v2')}"]
     if r.ema:
         lines.append("ema:     UNet weights taken from model_ema.*")
     if r.dropped:
@@ -357,8 +370,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="compare the UNet output of the input and the written file on a seeded input")
     p.add_argument("--config", default=None,
-                   help="model yaml for --check (default: configs/stable-diffusion/v1-inference.yaml for SD 1.x, "
-                        "v2-inference.yaml for SD 2.x)")
+                   help="model yaml for --check (default: the repo config that fits the weights, see ldm.detect)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show the traceback on errors")
     return p

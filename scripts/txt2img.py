@@ -14,13 +14,12 @@ import argparse
 import os
 import sys
 import time
-from itertools import islice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, ROOT)
 
-from ldm.cli import (UserError, add_model_args, add_speed_args, build_model, check_model_args, describe,  # noqa: E402,F401
+from ldm.cli import (read_prompts, UserError, add_model_args, add_speed_args, build_model, check_model_args, describe,  # noqa: E402,F401
                      guarded, make_sampler, native_size, optimize, setup, write_time_file)
 
 
@@ -73,21 +72,6 @@ def check_size(opt: argparse.Namespace) -> None:
             continue
         if v < 8 or v % 8 or v % opt.f:
             raise UserError(f"--{name} {v} must be a positive multiple of 8 and of the latent factor --f {opt.f}")
-
-
-def read_prompts(opt: argparse.Namespace) -> list[list[str]]:
-    """Batches of prompts, as the original: the prompt n_samples times, or the file's lines chunked."""
-    if not opt.from_file:
-        return [opt.n_samples * [opt.prompt]]
-    if not os.path.isfile(opt.from_file):
-        raise UserError(f"prompt file not found: {opt.from_file}")
-    with open(opt.from_file, encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    if not lines:
-        raise UserError(f"prompt file {opt.from_file} has no prompts")
-    lines = [p for p in lines for _ in range(opt.repeat)]
-    it = iter(lines)
-    return [list(b) for b in iter(lambda: tuple(islice(it, opt.n_samples)), ())]
 
 
 def run(opt: argparse.Namespace) -> dict:

@@ -173,8 +173,17 @@ def test_check_compares_unet_outputs(src, tmp_path, capsys):
 
 
 def test_check_needs_a_matching_config(src, tmp_path):
+    report = convert(src, tmp_path / "auto.ckpt", check=True)  # the tiny config is found from the weights
+    assert report.max_diff is not None and report.max_diff <= 1e-5 * report.ref_scale
+    os.remove(tmp_path / "auto.ckpt")
+    odd = tmp_path / "odd.ckpt"
+    sd = torch.load(src, weights_only=True)
+    sd = sd.get("state_dict", sd)
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 7, 3, 3)  # no known family has 7
+    torch.save({"state_dict": sd}, odd)
     with pytest.raises(UsageError, match="--check needs --config"):
-        convert(src, tmp_path / "a.ckpt", check=True)
+        convert(odd, tmp_path / "a.ckpt", check=True)
+    os.remove(odd)
     with pytest.raises(UsageError, match="config not found"):
         convert(src, tmp_path / "a.ckpt", check=True, config=str(tmp_path / "nope.yaml"))
     with pytest.raises(CheckpointError, match="shape mismatch"):  # the full SD2 UNet for a tiny checkpoint

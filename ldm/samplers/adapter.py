@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -40,8 +41,20 @@ class LDMSampler:
         self.alpha_bar = model_alpha_bar(model)
 
     def run(self, denoise: Denoiser, x: torch.Tensor, generator: torch.Generator | None,
-            step_callback: StepCallback, progress: bool) -> torch.Tensor:
-        """Sample from x with the subclass's pure sampler over the schedule ``make_schedule`` built."""
+            step_callback: StepCallback, progress: bool, steps: int | None = None,
+            use_original_steps: bool = False) -> torch.Tensor:
+        """Sample from x with the subclass's pure sampler over the schedule ``make_schedule`` built.
+
+        ``steps``: run only its last ``steps`` steps (img2img's decode); ``use_original_steps``: every
+        training timestep instead (DDIM only).
+        """
+        raise NotImplementedError
+
+    def encode_levels(self) -> list[tuple[float, float]]:
+        """(alpha, sigma) that ``stochastic_encode(x0, t)`` noises to, for each step index t = 0 ... S.
+
+        ``decode(z, cond, t_start)`` then runs the schedule's last t_start steps.
+        """
         raise NotImplementedError
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
@@ -84,6 +97,54 @@ class LDMSampler:
 
         x = self.run(denoise, x, generator, step_callback, verbose)
         return x, self.intermediates(intermediates)
+
+    @torch.no_grad()
+    def stochastic_encode(self, x0: torch.Tensor, t: Any, use_original_steps: bool = False,
+                          noise: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_t = alpha_t x0 + sigma_t noise (the forward process in closed form), at step index t per sample.
+
+        ``t``: an int or (B,) indices into the schedule of the last ``make_schedule`` (see ``encode_levels``),
+        or training timesteps with ``use_original_steps``. ``noise``: given, else drawn from ``generator``
+        (None: the global RNG, as the original's randn_like).
+        """
+        if use_original_steps:
+            levels = [(math.sqrt(a), math.sqrt(1.0 - a)) for a in self.alpha_bar]
+        else:
+            try:
+                levels = self.encode_levels()
+            except AttributeError as e:  # no schedule yet
+                raise RuntimeError("call make_schedule(ddim_num_steps=...) before stochastic_encode") from e
+        idx = torch.as_tensor(t).reshape(-1).tolist()  # once per image, before sampling: not a per-step sync
+        if len(idx) not in (1, x0.shape[0]):
+            raise ValueError(f"t has {len(idx)} entries for a batch of {x0.shape[0]}")
+        if not all(0 <= i < len(levels) for i in idx):
+            raise ValueError(f"stochastic_encode: t={idx} outside 0 ... {len(levels) - 1}")
+        shape = (len(idx),) + (1,) * (x0.dim() - 1)
+        alpha = torch.tensor([levels[i][0] for i in idx], dtype=torch.float64).view(shape)
+        sigma = torch.tensor([levels[i][1] for i in idx], dtype=torch.float64).view(shape)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return alpha.to(x0.device, x0.dtype) * x0 + sigma.to(x0.device, x0.dtype) * noise
+
+    @torch.no_grad()
+    def decode(self, x_latent: torch.Tensor, cond: Any, t_start: int, unconditional_guidance_scale: float = 1.0,
+               unconditional_conditioning: Any = None, use_original_steps: bool = False,
+               callback: Callable | None = None, generator: torch.Generator | None = None,
+               verbose: bool = True) -> torch.Tensor:
+        """Denoise x_latent with the last ``t_start`` steps of the schedule (img2img after stochastic_encode).
+
+        As the original DDIM ``decode``: step indices t_start - 1 ... 0, ``callback(i)`` after each; the eta noise
+        (DDIM with eta > 0) comes from ``generator``.
+        """
+        denoise = CFGDenoiser(self.model, cond, unconditional_conditioning, unconditional_guidance_scale)
+
+        def step_callback(i: int, x_i: torch.Tensor, x0_i: torch.Tensor) -> None:
+            if callback is not None:
+                callback(i)
+
+        return self.run(denoise, x_latent, generator, step_callback, verbose, steps=int(t_start),
+                        use_original_steps=use_original_steps)
 
     def intermediates(self, recorded: dict) -> Any:
         """What ``sample()`` returns beside the latents (the original DDIM/PLMS dict)."""

@@ -18,6 +18,10 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index,
 def cat_cond(uncond: Any, cond: Any) -> Any:
     """Concatenate [uncond, cond] along the batch, leaf by leaf for the original's dict/list conditionings."""
     if isinstance(cond, dict):
+        missing = [k for k in cond if not isinstance(uncond, dict) or k not in uncond]
+        if missing:  # e.g. inpainting: the unconditional half shares the conditional c_concat
+            raise ValueError(f"the unconditional conditioning lacks {missing}: give it the same entries as the "
+                             f"conditioning (e.g. {{'c_concat': c['c_concat'], 'c_crossattn': [uc]}})")
         return {k: cat_cond(uncond[k], cond[k]) for k in cond}
     if isinstance(cond, (list, tuple)):
         return [cat_cond(u, c) for u, c in zip(uncond, cond)]

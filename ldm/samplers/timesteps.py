@@ -6,7 +6,7 @@ Notation (VP diffusion): x_t = alpha * x0 + sigma * eps with alpha = sqrt(alpha_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import torch
@@ -59,9 +59,16 @@ def ddim_schedule(alpha_bar: Sequence[float], num_steps: int, eta: float = 0.0,
                   discretize: str = "uniform") -> DDIMSchedule:
     """The DDIM schedule for ``num_steps`` steps over a training alpha_bar table (the original's conventions)."""
     ts = ddim_timesteps(num_steps, len(alpha_bar), discretize)
-    ab = [alpha_bar[t] for t in ts]
     # The original's alphas_prev: the previous (lower) timestep's alpha_bar, and alpha_bar[0] (not 1) at the end.
-    ab_prev = ab[1:] + [alpha_bar[0]]
+    return ddim_schedule_at(alpha_bar, ts, eta, final_alpha_bar=alpha_bar[0])
+
+
+def ddim_schedule_at(alpha_bar: Sequence[float], timesteps: Sequence[int], eta: float,
+                     final_alpha_bar: float) -> DDIMSchedule:
+    """DDIM coefficients at given descending ``timesteps``; the last step lands on ``final_alpha_bar``."""
+    ts = list(timesteps)
+    ab = [alpha_bar[t] for t in ts]
+    ab_prev = ab[1:] + [final_alpha_bar]
     noise = [eta * math.sqrt((1 - p) / (1 - a) * (1 - a / p)) for a, p in zip(ab, ab_prev)]
     return DDIMSchedule(
         timesteps=tuple(ts), alpha_bar=tuple(ab), alpha_bar_prev=tuple(ab_prev), noise_std=tuple(noise),
@@ -103,6 +110,20 @@ def dpm_time_uniform_schedule(alpha_bar: Sequence[float], num_steps: int) -> DPM
         sigma.append(s)
         lam.append(la - math.log(s))
     return DPMSchedule(tuple(model_time), tuple(alpha), tuple(sigma), tuple(lam))
+
+
+def original_steps_schedule(alpha_bar: Sequence[float], eta: float = 0.0) -> DDIMSchedule:
+    """DDIM over every training timestep T-1 ... 0, landing on alpha_bar = 1 (the original's use_original_steps)."""
+    return ddim_schedule_at(alpha_bar, range(len(alpha_bar) - 1, -1, -1), eta, final_alpha_bar=1.0)
+
+
+def schedule_tail(sched: DDIMSchedule | DPMSchedule, steps: int) -> DDIMSchedule | DPMSchedule:
+    """The last ``steps`` steps of a schedule (img2img: start partway down, at step index S - steps)."""
+    total = len(sched.timesteps) if isinstance(sched, DDIMSchedule) else len(sched.model_time) - 1
+    if not 0 <= steps <= total:
+        raise ValueError(f"cannot run the last {steps} steps of a {total}-step schedule")
+    start = total - steps  # a DPM schedule keeps its S + 1 points: the start point and ``steps`` more
+    return replace(sched, **{f.name: getattr(sched, f.name)[start:] for f in fields(sched)})
 
 
 def time_tensors(times: Sequence[float], device: torch.device | str) -> list[torch.Tensor]:

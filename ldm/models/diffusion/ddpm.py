@@ -1,5 +1,5 @@
-"""Import path of the original yamls' ``target: ldm.models.diffusion.ddpm.LatentDiffusion``."""
+"""Import path of the original yamls' ``target: ldm.models.diffusion.ddpm.LatentDiffusion`` (and ``LatentInpaintDiffusion``)."""
 
-from ldm.latent_diffusion import DiffusionWrapper, LatentDiffusion
+from ldm.latent_diffusion import DiffusionWrapper, LatentDiffusion, LatentInpaintDiffusion
 
-__all__ = ["LatentDiffusion", "DiffusionWrapper"]
+__all__ = ["LatentDiffusion", "LatentInpaintDiffusion", "DiffusionWrapper"]

@@ -20,8 +20,9 @@ class PLMSSampler(DDIMSampler):
         super().make_schedule(ddim_num_steps, ddim_discretize, 0.0, verbose)
 
     def run(self, denoise: Denoiser, x: torch.Tensor, generator: torch.Generator | None,
-            step_callback: StepCallback, progress: bool) -> torch.Tensor:
-        return sample_plms(denoise, x, self.ddim_schedule, step_callback, progress)
+            step_callback: StepCallback, progress: bool, steps: int | None = None,
+            use_original_steps: bool = False) -> torch.Tensor:
+        return sample_plms(denoise, x, self.schedule_for(steps, use_original_steps), step_callback, progress)
 
 
 __all__ = ["PLMSSampler"]

@@ -13,7 +13,7 @@ import torch
 from ldm.samplers.adapter import LDMSampler
 from ldm.samplers.dpm_solver import sample_dpmpp_2m
 from ldm.samplers.guidance import Denoiser, StepCallback
-from ldm.samplers.timesteps import dpm_time_uniform_schedule
+from ldm.samplers.timesteps import dpm_time_uniform_schedule, schedule_tail
 
 
 class DPMSolverSampler(LDMSampler):
@@ -28,10 +28,18 @@ class DPMSolverSampler(LDMSampler):
     def num_steps(self) -> int:
         return len(self.dpm_schedule.model_time) - 1
 
+    def encode_levels(self) -> list[tuple[float, float]]:
+        """Index t is the point decode(t_start=t) starts from: point S - t of the S + 1 (0: timestep 0, S: T-1)."""
+        sched = self.dpm_schedule
+        return list(zip(sched.alpha[::-1], sched.sigma[::-1]))
+
     def run(self, denoise: Denoiser, x: torch.Tensor, generator: torch.Generator | None,
-            step_callback: StepCallback, progress: bool) -> torch.Tensor:
-        return sample_dpmpp_2m(denoise, x, self.dpm_schedule, lower_order_final=True, callback=step_callback,
-                               progress=progress)
+            step_callback: StepCallback, progress: bool, steps: int | None = None,
+            use_original_steps: bool = False) -> torch.Tensor:
+        if use_original_steps:
+            raise NotImplementedError("use_original_steps is a DDIM option; DPMSolverSampler has no such schedule")
+        sched = self.dpm_schedule if steps is None else schedule_tail(self.dpm_schedule, steps)
+        return sample_dpmpp_2m(denoise, x, sched, lower_order_final=True, callback=step_callback, progress=progress)
 
     def intermediates(self, recorded: dict) -> Any:
         return None

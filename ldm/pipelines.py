@@ -1,0 +1,150 @@
+"""img2img and inpainting steps around the samplers: input images to tensors, masks, latents, c_concat.
+
+The original scripts' conventions (Stability-AI/stablediffusion ``scripts/img2img.py`` and the inpainting
+demos): images shrink to a multiple of 64 per side (LANCZOS) and map to [-1, 1]; a mask pixel >= 0.5
+(white) is repainted and is zeroed in the masked image; img2img runs the last ``int(strength * steps)``
+steps from the init latent noised by ``stochastic_encode``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+MULTIPLE = 64  # the original resizes every input side down to a multiple of 64
+
+
+def open_image(path: str, mode: str = "RGB", what: str = "image") -> Image.Image:
+    """The file at ``path`` decoded and converted to ``mode``; one-line errors for missing or non-image files."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"{what} {path} is not a readable image ({' '.join(str(e).split())})") from e
+
+
+def resize_to_multiple(img: Image.Image, multiple: int = MULTIPLE) -> Image.Image:
+    """Shrink each side down to a multiple of ``multiple`` with LANCZOS, as the original img2img.py."""
+    w, h = img.size
+    new_w, new_h = w - w % multiple, h - h % multiple
+    if new_w == 0 or new_h == 0:
+        raise ValueError(f"the image is {w}x{h}; each side must be at least {multiple} pixels")
+    return img if (new_w, new_h) == (w, h) else img.resize((new_w, new_h), resample=Image.LANCZOS)
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image -> (1, 3, H, W) float32 in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)  # (H, W, 3)
+    return (2.0 * x - 1.0).permute(2, 0, 1)[None].contiguous()
+
+
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+    """Grayscale mask -> (1, 1, H, W) float32 in {0, 1}: 1 (pixel >= 0.5, white) is repainted."""
+    m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)  # (H, W)
+    return (m >= 0.5).float()[None, None]
+
+
+def load_init_image(path: str, multiple: int = MULTIPLE) -> torch.Tensor:
+    """img2img's input: (1, 3, H, W) in [-1, 1], each side shrunk to a multiple of ``multiple``."""
+    return image_to_tensor(resize_to_multiple(open_image(path, "RGB", "init image"), multiple))
+
+
+@dataclass(frozen=True)
+class InpaintInputs:
+    """The original's inpainting batch for one image: all (1, C, H, W) float32."""
+
+    image: torch.Tensor         # (1, 3, H, W) in [-1, 1]
+    mask: torch.Tensor          # (1, 1, H, W) in {0, 1}, 1 = repaint
+    masked_image: torch.Tensor  # image * (mask < 0.5): the kept pixels, the repainted region zero (grey)
+
+
+def check_same_size(image: Image.Image, mask: Image.Image) -> None:
+    """A mask must cover its image pixel for pixel."""
+    if mask.size != image.size:
+        raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is "
+                         f"{image.size[0]}x{image.size[1]}; they must be the same size")
+
+
+def make_inpaint_inputs(image: Image.Image, mask: Image.Image) -> InpaintInputs:
+    """Image and mask of the same size (sides multiples of 8, for the VAE) -> the inpainting tensors."""
+    check_same_size(image, mask)
+    x, m = image_to_tensor(image), mask_to_tensor(mask)
+    return InpaintInputs(x, m, x * (m < 0.5))
+
+
+def load_inpaint_inputs(image_path: str, mask_path: str, multiple: int = MULTIPLE) -> InpaintInputs:
+    """Read image and mask (same size required), shrink both to a multiple of ``multiple``, build the tensors."""
+    image = open_image(image_path, "RGB", "image")
+    mask = open_image(mask_path, "L", "mask")
+    check_same_size(image, mask)  # on the files as given, before resizing
+    return make_inpaint_inputs(resize_to_multiple(image, multiple), resize_to_multiple(mask, multiple))
+
+
+def encode_image(model: Any, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), sampled from the VAE posterior with ``generator``."""
+    x = image.to(model.device)
+    return model.get_first_stage_encoding(model.encode_first_stage(x), generator)
+
+
+def inpaint_conditioning(model: Any, inputs: InpaintInputs, batch_size: int,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """c_concat (B, 1 + C, h, w) in ``model.concat_keys`` order: the mask resized (nearest) to the latent size,
+    and the masked image's latent (one posterior sample per batch entry, as the original)."""
+    masked = inputs.masked_image.expand(batch_size, -1, -1, -1)
+    z = encode_image(model, masked, generator)  # (B, C, h, w)
+    m = F.interpolate(inputs.mask.to(z.device), size=z.shape[-2:])  # (1, 1, h, w), nearest as the original
+    m = m.to(z.dtype).expand(batch_size, -1, -1, -1)
+    return torch.cat([z if key == model.masked_image_key else m for key in model.concat_keys], 1)
+
+
+def hybrid_cond(c_concat: torch.Tensor, context: torch.Tensor | None) -> dict | None:
+    """The original dict conditioning; the unconditional one shares c_concat (as the original scripts)."""
+    return None if context is None else {"c_concat": [c_concat], "c_crossattn": [context]}
+
+
+def strength_to_steps(strength: float, steps: int) -> int:
+    """t_enc = int(strength * steps), the original's number of denoising steps; strength must be in [0, 1]."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"--strength {strength} must be in [0, 1] (1 = start from pure noise at the top step)")
+    return int(strength * steps)
+
+
+@torch.no_grad()
+def img2img(sampler: Any, init_latent: torch.Tensor, cond: Any, uncond: Any, scale: float, steps: int,
+            strength: float, eta: float = 0.0, generator: torch.Generator | None = None,
+            noise: torch.Tensor | None = None, verbose: bool = True) -> torch.Tensor:
+    """Noise ``init_latent`` (B, C, h, w) to step int(strength * steps) and denoise it: the original img2img."""
+    t_enc = strength_to_steps(strength, steps)
+    sampler.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
+    t = torch.full((init_latent.shape[0],), t_enc, dtype=torch.long)
+    z = sampler.stochastic_encode(init_latent, t, noise=noise, generator=generator)
+    return sampler.decode(z, cond, t_enc, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
+                          generator=generator, verbose=verbose)
+
+
+@torch.no_grad()
+def inpaint(sampler: Any, c_concat: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float,
+            steps: int, eta: float = 0.0, x_T: torch.Tensor | None = None,
+            generator: torch.Generator | None = None, verbose: bool = True) -> torch.Tensor:
+    """Latents (B, C, h, w) of an inpainting model sampled with hybrid conditioning (the original demos)."""
+    b, _, h, w = c_concat.shape
+    shape = [sampler.model.cfg.unet.out_channels, h, w]
+    samples, _ = sampler.sample(S=steps, batch_size=b, shape=shape, conditioning=hybrid_cond(c_concat, cond),
+                                unconditional_guidance_scale=scale,
+                                unconditional_conditioning=hybrid_cond(c_concat, uncond), eta=eta, x_T=x_T,
+                                generator=generator, verbose=verbose)
+    return samples
+
+
+__all__ = ["open_image", "resize_to_multiple", "image_to_tensor", "mask_to_tensor", "load_init_image",
+           "InpaintInputs", "check_same_size", "make_inpaint_inputs", "load_inpaint_inputs", "encode_image", "inpaint_conditioning",
+           "hybrid_cond", "strength_to_steps", "img2img", "inpaint", "MULTIPLE"]
