@@ -6,13 +6,21 @@
     python -m ldm.benchmark_peer check --config CFG --ckpt CKPT --weights DIR --json OUT
 
 Weights are converted with diffusers' own converters (``convert_ldm_unet_checkpoint``,
-``convert_ldm_vae_checkpoint``, ``convert_open_clip_checkpoint``) from the original layout; the model
-configs are derived from our typed config, and the tokenizer is written from open_clip's BPE tables, so
-nothing touches a hub. As in diffusers' SD 2 text encoder, the CLIP text model has the tower's layers
-less the last one when the conditioning is the penultimate layer (23 of ViT-H-14's 24). PLMS is
-``PNDMScheduler(skip_prk_steps=True)`` with SD 2's schedule: same timesteps (steps_offset=1), same first
-pseudo improved-Euler step (two UNet calls), same final alpha_bar (set_alpha_to_one=False). diffusers,
-transformers and open_clip are imported inside functions: they are optional here.
+``convert_ldm_vae_checkpoint``, ``convert_open_clip_checkpoint`` for SD 2's OpenCLIP text tower,
+``convert_ldm_clip_checkpoint`` for SD 1's CLIP ViT-L/14) from the original layout; the model configs are
+derived from our typed config, and the tokenizer is written from open_clip's BPE tables, so nothing
+touches a hub. As in diffusers' SD 2 text encoder, the CLIP text model has the tower's layers less the
+last one when the conditioning is the penultimate layer (23 of ViT-H-14's 24); SD 1's runs all 12 with
+quick-GELU, and its tokenizer names the special tokens ``<|startoftext|>``/``<|endoftext|>`` and pads
+with the end token (49407), where SD 2's pads with "!" (id 0) as open_clip pads with 0. PLMS is
+``PNDMScheduler(skip_prk_steps=True)`` with SD's schedule: same timesteps (steps_offset=1), same first
+pseudo improved-Euler step (two UNet calls), same final alpha_bar (set_alpha_to_one=False). For v models
+(768-v) each UNet call's v is turned into eps at that call's (t, x_t) before the multistep update, as ldm's
+PLMS does (``eps_scheduler``): diffusers' own ``prediction_type="v_prediction"`` instead converts the
+multistep combination of past v's at the current step's (t, x_t), a different sampler (0.3 relative
+apart after 4 steps on the tiny model). An inpainting checkpoint exports too (9-channel
+UNet), for the UNet microbenchmark: the text-to-image pipeline cannot run it. diffusers, transformers and
+open_clip are imported inside functions: they are optional here.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ import torch
 from ldm.benchmark_measure import environment, peak_memory, synchronize, write_json
 
 PARTS = ("unet", "vae", "text_encoder")
+SOT, EOT = 49406, 49407  # CLIP's start and end tokens (SD 1 also pads with EOT)
+OPENAI_SPECIALS = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
 
 
 def unet_config(cfg) -> dict:
@@ -64,8 +74,21 @@ def vae_config(cfg, scale_factor: float) -> dict:
         mid_block_add_attention=cfg.attn != "none", scaling_factor=scale_factor)
 
 
+def is_sd1_text(cfg) -> bool:
+    """True for SD 1's CLIP ViT-L/14 text config (ldm.clip_text), False for SD 2's OpenCLIP one."""
+    from ldm.clip_text import CLIPTextConfig
+    return isinstance(cfg, CLIPTextConfig)
+
+
 def text_config(cfg) -> dict:
-    """CLIPTextConfig kwargs: open_clip's GELU tower, cut after the layer the conditioning reads."""
+    """CLIPTextConfig kwargs: SD 1's quick-GELU tower whole, or open_clip's GELU tower cut after the layer read."""
+    if is_sd1_text(cfg):
+        if cfg.layer != "last":  # diffusers' clip_skip applies final_layer_norm to the hidden state; ldm does not
+            raise ValueError(f"FrozenCLIPEmbedder layer={cfg.layer!r}: the peer supports the last layer only")
+        return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=4 * cfg.width,
+                    num_attention_heads=cfg.heads, num_hidden_layers=cfg.layers,
+                    max_position_embeddings=cfg.context_length, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                    projection_dim=cfg.width, bos_token_id=SOT, eos_token_id=EOT, pad_token_id=EOT)
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=4 * cfg.width,
                 num_attention_heads=cfg.heads, num_hidden_layers=cfg.layers - (cfg.layer == "penultimate"),
                 max_position_embeddings=cfg.context_length, hidden_act="gelu", layer_norm_eps=1e-5,
@@ -82,34 +105,58 @@ def scheduler_config(model_cfg) -> dict:
                 prediction_type="v_prediction" if model_cfg.parameterization == "v" else "epsilon")
 
 
-def write_tokenizer(out_dir: str) -> None:
-    """vocab.json and merges.txt from open_clip's own BPE tables (the SD 2 tokenizer, no download)."""
+def tokenizer_config(cfg) -> dict:
+    """Which special-token names and padding the peer's CLIPTokenizer uses, and its length."""
+    if is_sd1_text(cfg):
+        return {"kind": "sd1", "max_length": cfg.max_length}
+    return {"kind": "sd2", "max_length": 77}
+
+
+def write_tokenizer(out_dir: str, kind: str = "sd2") -> None:
+    """vocab.json and merges.txt from open_clip's own BPE tables (no download).
+
+    The ids are CLIP's either way; SD 1's (OpenAI's) vocabulary spells the special tokens ``<|startoftext|>``
+    and ``<|endoftext|>`` where open_clip's spells them ``<start_of_text>`` and ``<end_of_text>``.
+    """
     from open_clip.tokenizer import SimpleTokenizer
     tok = SimpleTokenizer()
+    vocab = dict(tok.encoder)
+    if kind == "sd1":
+        vocab = {OPENAI_SPECIALS.get(k, k): v for k, v in vocab.items()}
     with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(tok.encoder, f)
+        json.dump(vocab, f)
     with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n")
         f.writelines(f"{a} {b}\n" for a, b in sorted(tok.bpe_ranks, key=tok.bpe_ranks.get))
 
 
-def load_tokenizer(weights: str):
-    """CLIPTokenizer over open_clip's vocabulary; SD 2 pads with "!" (id 0), as open_clip pads with 0."""
+def load_tokenizer(weights: str, cfg: dict | None = None):
+    """CLIPTokenizer over CLIP's vocabulary: SD 1 pads with <|endoftext|> (49407); SD 2 with "!" (id 0), as
+    open_clip pads with 0. ``cfg`` is the export's "tokenizer" entry (exports predating it are SD 2's)."""
     from transformers import CLIPTokenizer
-    return CLIPTokenizer(os.path.join(weights, "vocab.json"), os.path.join(weights, "merges.txt"),
-                         bos_token="<start_of_text>", eos_token="<end_of_text>", unk_token="<end_of_text>",
-                         pad_token="!", model_max_length=77)
+    cfg = cfg or {"kind": "sd2", "max_length": 77}
+    files = os.path.join(weights, "vocab.json"), os.path.join(weights, "merges.txt")
+    if cfg["kind"] == "sd1":
+        return CLIPTokenizer(*files, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                             unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=cfg["max_length"])
+    return CLIPTokenizer(*files, bos_token="<start_of_text>", eos_token="<end_of_text>", unk_token="<end_of_text>",
+                         pad_token="!", model_max_length=cfg["max_length"])
 
 
 def convert_weights(sd: dict[str, torch.Tensor], model_cfg) -> dict[str, dict[str, torch.Tensor]]:
     """Our (native or original) full state dict -> diffusers' unet / vae / text_encoder state dicts."""
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
-                                                     convert_open_clip_checkpoint)
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     from ldm.checkpoint import detect_layout, to_original
     if detect_layout(sd) == "native_mha":
         sd = to_original(sd)
     unet = convert_ldm_unet_checkpoint(sd, unet_config(model_cfg.unet))
     vae = convert_ldm_vae_checkpoint(sd, vae_config(model_cfg.vae, model_cfg.scale_factor))
+    if is_sd1_text(model_cfg.text):
+        text_config(model_cfg.text)  # raises for a layer the peer cannot read
+        # cond_stage_model.transformer.text_model.* -> text_model.* (load_part drops the level transformers lacks)
+        text = convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith("cond_stage_model.")})
+        return {"unet": unet, "vae": vae, "text_encoder": text}
     prefix = "cond_stage_model.model."
     kept = text_config(model_cfg.text)["num_hidden_layers"]
     text_sd = {k: v for k, v in sd.items() if k.startswith(prefix) and not any(
@@ -132,9 +179,11 @@ def export(config: str, ckpt: str, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     for name, part in parts.items():
         torch.save({k: v.contiguous() for k, v in part.items()}, os.path.join(out_dir, f"{name}.pt"))
-    write_tokenizer(out_dir)
+    tokenizer = tokenizer_config(model_cfg.text)
+    write_tokenizer(out_dir, tokenizer["kind"])
     configs = {"unet": unet_config(model_cfg.unet), "vae": vae_config(model_cfg.vae, model_cfg.scale_factor),
-               "text_encoder": text_config(model_cfg.text), "scheduler": scheduler_config(model_cfg)}
+               "text_encoder": text_config(model_cfg.text), "scheduler": scheduler_config(model_cfg),
+               "tokenizer": tokenizer}
     write_json(os.path.join(out_dir, "configs.json"), configs)  # written last: it marks a finished export
     return out_dir
 
@@ -188,9 +237,30 @@ def quiet_peer_logs() -> None:
     transformers_logging.set_verbosity_error()
 
 
+def v_to_eps(scheduler, v: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
+    """eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t, at the (t, x_t) the UNet was called with."""
+    alpha_bar = scheduler.alphas_cumprod.to(x_t.device)[t].to(x_t.dtype)
+    return alpha_bar.sqrt() * v + (1 - alpha_bar).sqrt() * x_t
+
+
+def eps_scheduler(cfg: dict):
+    """PNDMScheduler from its export config; for v models one whose ``step`` takes v and steps on its eps."""
+    from diffusers import PNDMScheduler
+    if cfg.get("prediction_type") != "v_prediction":
+        return PNDMScheduler(**cfg)
+
+    class VToEpsPNDMScheduler(PNDMScheduler):
+        """PLMS over per-call eps: each v converted before it joins the multistep history (as ldm's PLMS)."""
+
+        def step(self, model_output, timestep, sample, return_dict: bool = True):
+            return super().step(v_to_eps(self, model_output, timestep, sample), timestep, sample, return_dict)
+
+    return VToEpsPNDMScheduler(**{**cfg, "prediction_type": "epsilon"})
+
+
 def build_pipeline(weights: str, device: torch.device, dtype: torch.dtype):
     """StableDiffusionPipeline (no safety checker) from an ``export`` folder, on ``device`` in ``dtype``."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     with open(os.path.join(weights, "configs.json"), encoding="utf-8") as f:
         cfg = json.load(f)
@@ -198,20 +268,35 @@ def build_pipeline(weights: str, device: torch.device, dtype: torch.dtype):
     vae = load_part(lambda: AutoencoderKL(**cfg["vae"]), os.path.join(weights, "vae.pt"))
     text = load_part(lambda: CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
                      os.path.join(weights, "text_encoder.pt"))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=load_tokenizer(weights), unet=unet,
-                                   scheduler=PNDMScheduler(**cfg["scheduler"]), safety_checker=None,
+    tokenizer = load_tokenizer(weights, cfg.get("tokenizer"))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=eps_scheduler(cfg["scheduler"]), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
 
 
 def compile_peer_unet(pipe, mode: str, device: torch.device) -> None:
-    """torch.compile diffusers' UNet with the settings ``ldm.runtime.compile_unet`` gives ours."""
-    import torch._inductor.config as inductor_config
-    if device.type == "cpu":
-        inductor_config.freezing = True
-    inductor_config.fx_graph_cache = True
-    pipe.unet = torch.compile(pipe.unet, fullgraph=True, mode=None if mode == "default" else mode)
+    """torch.compile diffusers' UNet with the inductor settings ``ldm.runtime.compile_unet`` gives ours."""
+    from ldm.runtime import effective_mode, inductor_settings
+    pipe.unet = torch.compile(pipe.unet, fullgraph=True, options=inductor_settings(effective_mode(mode, device), device))
+
+
+def optimize_peer(pipe, opt: argparse.Namespace, device: torch.device) -> None:
+    """The speed flags on diffusers' pipeline, each the peer's own equivalent of ours (see ldm.benchmark_ladder)."""
+    if opt.attention == "math":  # diffusers' classic AttnProcessor: softmax(QK^T)V in three ops, as the original
+        from diffusers.models.attention_processor import AttnProcessor
+        pipe.unet.set_attn_processor(AttnProcessor())
+    if opt.fuse_projections:
+        pipe.fuse_qkv_projections()
+    if opt.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if opt.int8:
+        from ldm.optimize import quantize_int8
+        quantize_int8(pipe.unet)
+    if opt.compile:
+        compile_peer_unet(pipe, opt.compile_mode, device)
 
 
 def generate(pipe, prompts: list[str], negative: str, steps: int, scale: float, x_T: torch.Tensor,
@@ -228,8 +313,7 @@ def run(opt: argparse.Namespace) -> dict:
     device = runtime.pick_device(opt.device)
     dtype = runtime.DTYPES[opt.dtype]
     pipe = build_pipeline(opt.weights, device, dtype)
-    if opt.compile:
-        compile_peer_unet(pipe, opt.compile_mode, device)
+    optimize_peer(pipe, opt, device)
     shape = [4, opt.H // 8, opt.W // 8]
     gen = torch.Generator(device).manual_seed(opt.seed)
     prompts = opt.n_samples * [opt.prompt]
@@ -307,7 +391,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--device", default=None)
     r.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     r.add_argument("--compile", action="store_true")
-    r.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune"], default="default")
+    r.add_argument("--compile_mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    r.add_argument("--attention", choices=["sdpa", "math"], default="sdpa", help="math: diffusers' AttnProcessor")
+    r.add_argument("--fuse_projections", action="store_true", help="pipe.fuse_qkv_projections()")
+    r.add_argument("--channels_last", action="store_true", help="UNet and VAE in channels_last")
+    r.add_argument("--int8", action="store_true", help="dynamic int8 quantization of the UNet's linears (torchao)")
     r.add_argument("--skip_first", action="store_true")
     r.add_argument("--time_file", default=None)
     r.add_argument("--stats", default=None, help="write seconds, peak memory and the environment here (json)")

@@ -8,6 +8,7 @@ and reports errors as one line. Nothing here runs at import.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -42,9 +43,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_speed_args(p: argparse.ArgumentParser) -> None:
-    """The speed flags of the PyTorch 2 blog and of this project, plus timing."""
+    """The speed and memory flags of the PyTorch 2 blog, the acceleration write-ups and this project, plus timing."""
+    from ldm.runtime import COMPILE_MODES
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (fullgraph)")
-    p.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune"], default="default")
+    p.add_argument("--compile_mode", choices=list(COMPILE_MODES), default="default",
+                   help="max-autotune adds diffusion-fast's inductor settings; reduce-overhead = CUDA graphs")
+    p.add_argument("--compile_vae", action="store_true", help="torch.compile the VAE decoder too")
+    p.add_argument("--channels_last", action="store_true", help="UNet and VAE convolutions in channels_last")
+    p.add_argument("--unfused_projections", action="store_true",
+                   help="separate Q, K, V matmuls as the original (default: one QKV / one KV matmul)")
+    p.add_argument("--int8", action="store_true",
+                   help="dynamic int8 quantization of the UNet's large linear layers (needs torchao; use with --compile)")
+    p.add_argument("--vae_slicing", action="store_true", help="decode one image of the batch at a time")
+    p.add_argument("--vae_tiling", action="store_true",
+                   help="decode/encode in overlapping tiles, blended: large images in bounded memory")
+    p.add_argument("--offload", action="store_true",
+                   help="keep text encoder, UNet and VAE on the CPU, each on the device only while it runs")
+    p.add_argument("--no_tf32", action="store_true", help="fp32 on CUDA: keep full fp32 matmuls (default: TF32)")
     p.add_argument("--skip_first", action="store_true", help="one untimed warm-up iteration first")
     p.add_argument("--time_file", type=str, default=None, help="write the timed runtime (seconds) here")
 
@@ -55,6 +70,10 @@ def check_model_args(opt: argparse.Namespace) -> None:
         raise UserError(f"--bf16 conflicts with --dtype {opt.dtype}")
     if not opt.demo and not opt.ckpt:
         raise UserError(f"--ckpt is required (or try --demo, which needs no weights); {WEIGHTS_HELP}")
+    if getattr(opt, "compile_mode", "default") != "default" and not opt.compile and not opt.compile_vae:
+        raise UserError(f"--compile_mode {opt.compile_mode} needs --compile or --compile_vae")
+    if getattr(opt, "int8", False) and opt.attention in ("mha", "xformers"):
+        raise UserError(f"--int8 does not run with --attention {opt.attention}; use sdpa or math")
 
 
 @dataclass(frozen=True)
@@ -121,14 +140,16 @@ def build_model(opt: argparse.Namespace, rt: Runtime, demo_config: str = DEMO_CO
         from omegaconf import OmegaConf
         from ldm.util import instantiate_from_config
         torch.manual_seed(opt.seed)
-        model = instantiate_from_config(OmegaConf.load(demo_config).model).to(device=rt.device, dtype=rt.dtype)
+        device = torch.device("cpu") if getattr(opt, "offload", False) else rt.device
+        model = instantiate_from_config(OmegaConf.load(demo_config).model).to(device=device, dtype=rt.dtype)
         set_attention_backend(model, opt.attention)
         return model, "demo-tiny-random"
     if not os.path.isfile(opt.ckpt):
         raise UserError(f"checkpoint not found: {opt.ckpt}; {WEIGHTS_HELP}")
     config = resolve_config(opt)
+    device = torch.device("cpu") if getattr(opt, "offload", False) else rt.device  # offload moves parts later
     with tqdm(total=3, desc="Loading model", unit="stage") as bar:
-        model, report = load_model(config, opt.ckpt, device=rt.device, dtype=rt.dtype, attention=opt.attention,
+        model, report = load_model(config, opt.ckpt, device=device, dtype=rt.dtype, attention=opt.attention,
                                    progress=lambda stage: bar.update(1))
     note = " (original layout, converted in memory)" if report.converted else ""
     print(f"Loaded {opt.ckpt}{note} in {report.seconds:.1f}s", file=sys.stderr)
@@ -145,11 +166,42 @@ def native_size(model, demo: bool = False) -> int:
     return 768 if model.parameterization == "v" else 512
 
 
-def optimize(opt: argparse.Namespace, model, rt: Runtime) -> None:
-    """Apply the speed flags to a loaded model (in place)."""
+def optimize(opt: argparse.Namespace, model, rt: Runtime) -> list[str]:
+    """Apply the speed and memory flags to a loaded model, in place, in the one order that composes:
+    layout and precision changes first, then offload, then compilation. Returns what was done."""
+    import torch
     from ldm import runtime
+    from ldm.optimize import INT8_HELP, set_fused_projections, to_channels_last
+    done = []
+    set_fused_projections(model, not opt.unfused_projections)
+    done.append("separate Q/K/V matmuls" if opt.unfused_projections else "fused QKV/KV projections")
+    if opt.channels_last:
+        to_channels_last(model.model)
+        to_channels_last(model.first_stage_model)
+        done.append("channels_last")
+    if opt.int8:
+        from ldm.optimize import quantize_int8
+        if importlib.util.find_spec("torchao") is None:
+            raise UserError(INT8_HELP)
+        names = quantize_int8(model.model.diffusion_model)
+        done.append(f"int8 dynamic quantization of {len(names)} UNet layers")
+    if opt.vae_slicing or opt.vae_tiling:
+        model.first_stage_model.set_memory_savers(slicing=opt.vae_slicing, tiling=opt.vae_tiling)
+        done.append("VAE " + " and ".join(n for n, on in (("slicing", opt.vae_slicing), ("tiling", opt.vae_tiling))
+                                          if on))
+    if rt.dtype == torch.float32 and not opt.no_tf32 and runtime.enable_tf32(rt.device):
+        done.append("TF32 matmuls (--no_tf32 for full fp32)")
+    if opt.offload:
+        from ldm.offload import enable_model_offload
+        enable_model_offload(model, rt.device)
+        done.append(f"model offload to {rt.device.type} per component")
     if opt.compile:
         runtime.compile_unet(model, opt.compile_mode, rt.device)
+        done.append(f"compiled UNet ({opt.compile_mode})")
+    if opt.compile_vae:
+        runtime.compile_vae(model, opt.compile_mode, rt.device)
+        done.append(f"compiled VAE decoder ({opt.compile_mode})")
+    return done
 
 
 def make_sampler(name: str, model, device):

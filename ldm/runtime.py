@@ -6,8 +6,11 @@ Nothing here runs at import; scripts call these functions inside ``main``.
 from __future__ import annotations
 
 import contextlib
+import warnings
+from typing import Any
 
 import torch
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -53,18 +56,116 @@ def attention_scope(backends: list[SDPBackend]):
     return sdpa_kernel(backends)
 
 
-def compile_unet(model, mode: str = "default", device: torch.device | None = None, dynamic: bool = False):
-    """torch.compile the UNet only (fullgraph). On CPU, inductor's freezing (oneDNN weight prepacking) is on:
-    it is what makes the compiled UNet faster than eager there."""
-    import torch._inductor.config as inductor_config
-    device = device or model.device
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+# pytorch-labs/diffusion-fast's inductor flags for max-autotune: 1x1 convs as matmuls (the
+# transformer projections), coordinate-descent tuning of the generated kernels' block sizes
+# (checking all directions), and no pointwise-epilogue fusion into the autotuned GEMM templates.
+DIFFUSION_FAST_FLAGS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,
+                        "coordinate_descent_check_all_directions": True}
+
+
+def effective_mode(mode: str, device: torch.device) -> str:
+    """``mode`` as it runs on ``device``: CUDA graphs exist on CUDA only, so reduce-overhead is default elsewhere."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    return "default" if mode == "reduce-overhead" and device.type != "cuda" else mode
+
+
+def uses_cudagraphs(mode: str, device: torch.device) -> bool:
+    """Whether the compiled module replays CUDA graphs (reduce-overhead and max-autotune on CUDA)."""
+    return device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+
+
+def inductor_settings(mode: str, device: torch.device) -> dict[str, Any]:
+    """The inductor options ``compile_module`` passes to ``torch.compile`` for ``mode`` on ``device``.
+
+    The mode's own options (``torch._inductor.list_mode_options``), the local FX graph cache (on,
+    remote off), freezing on CPU (constant-folded, oneDNN-prepacked weights: what makes compile beat
+    eager there) and, for the max-autotune modes, diffusion-fast's flags. Passed as per-compile
+    options, so nothing global changes.
+    """
+    import torch._inductor
+    mode = effective_mode(mode, device)
+    settings = dict(torch._inductor.list_mode_options(mode))
+    if not uses_cudagraphs(mode, device):
+        settings.pop("triton.cudagraphs", None)
+    settings.update(fx_graph_cache=True, fx_graph_remote_cache=False)
     if device.type == "cpu":
-        inductor_config.freezing = True
-    inductor_config.fx_graph_cache = True
-    unet = model.model.diffusion_model
-    compiled = torch.compile(unet, fullgraph=True, dynamic=dynamic, mode=None if mode == "default" else mode)
+        settings["freezing"] = True
+    if mode.startswith("max-autotune"):
+        settings.update(DIFFUSION_FAST_FLAGS)
+    return settings
+
+
+class CloneOutput(nn.Module):
+    """Calls a CUDA-graph compiled module and returns a clone of its output.
+
+    A CUDA-graph replay writes its output into the same static buffer every time, so a tensor kept
+    across calls (PLMS's previous eps, the CFG halves, earlier decoded images) would be overwritten
+    by the next call. Attribute reads (``dtype``, ``time_embed``, ``cfg``...) fall through to the
+    wrapped module; state-dict keys gain the prefix ``module.``.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # the previous call's buffers may be reused now
+        return self.module(*args, **kwargs).clone()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+
+def compile_module(module: nn.Module, mode: str = "default", device: torch.device | None = None,
+                   dynamic: bool = False) -> nn.Module:
+    """torch.compile ``module`` (fullgraph) with ``inductor_settings(mode, device)``.
+
+    Wrapped in ``CloneOutput`` when it replays CUDA graphs; reduce-overhead off CUDA warns once and
+    compiles as default. Compilation itself happens at the first call.
+    """
+    if device is None:
+        device = next(module.parameters()).device
+    run_mode = effective_mode(mode, device)
+    if run_mode != mode:
+        warnings.warn(f"compile mode {mode!r} needs CUDA graphs, which {device.type} does not have; "
+                      f"compiling with mode 'default'", stacklevel=2)
+    compiled = torch.compile(module, fullgraph=True, dynamic=dynamic, options=inductor_settings(run_mode, device))
+    return CloneOutput(compiled) if uses_cudagraphs(run_mode, device) else compiled
+
+
+def compile_unet(model, mode: str = "default", device: torch.device | None = None,
+                 dynamic: bool = False) -> nn.Module:
+    """Compile ``model.model.diffusion_model`` (the UNet only; the sampler loop stays eager) and install it."""
+    compiled = compile_module(model.model.diffusion_model, mode, device or model.device, dynamic)
     model.model.diffusion_model = compiled
     return compiled
+
+
+def compile_vae(model, mode: str = "default", device: torch.device | None = None,
+                dynamic: bool = False) -> nn.Module:
+    """Compile the VAE decoder ``model.first_stage_model.decoder`` (fullgraph) and install it."""
+    vae = model.first_stage_model
+    compiled = compile_module(vae.decoder, mode, device or vae.quant_conv.weight.device, dynamic)
+    vae.decoder = compiled
+    return compiled
+
+
+def enable_tf32(device: torch.device) -> bool:
+    """Let fp32 matmuls and convolutions use TF32 tensor cores on CUDA Ampere or newer; returns whether it did.
+
+    For ``--dtype fp32`` runs: about 10 mantissa bits in the products, fp32 accumulation and storage.
+    """
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    return True
 
 
 def precision_scope(precision: str, device: torch.device, dtype: torch.dtype):
@@ -75,5 +176,6 @@ def precision_scope(precision: str, device: torch.device, dtype: torch.dtype):
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work (timings); a no-op elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -186,8 +189,64 @@ class DiagonalGaussianDistribution:
         return self.mean
 
 
+def _blend_weights(n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(old, new) fp32 weights (1 - y/n, y/n) for y = 0..n-1, computed in float64 as diffusers' Python floats are."""
+    ramp = torch.arange(n, dtype=torch.float64) / n
+    return (1 - ramp).to(like.device, torch.float32), ramp.to(like.device, torch.float32)
+
+
+def _blend_v(above: torch.Tensor, tile: torch.Tensor, extent: int) -> None:
+    """Fade ``tile``'s first rows in from ``above``'s last rows, in place (tile rows 0..e-1 overlap them)."""
+    e = min(above.shape[2], tile.shape[2], extent)
+    if e > 0:
+        w_old, w_new = (w.view(e, 1) for w in _blend_weights(e, tile))  # (e, 1)
+        tile[:, :, :e] = above[:, :, -e:] * w_old + tile[:, :, :e] * w_new
+
+
+def _blend_h(left: torch.Tensor, tile: torch.Tensor, extent: int) -> None:
+    """Fade ``tile``'s first columns in from ``left``'s last columns, in place."""
+    e = min(left.shape[3], tile.shape[3], extent)
+    if e > 0:
+        w_old, w_new = _blend_weights(e, tile)  # (e,)
+        tile[:, :, :, :e] = left[:, :, :, -e:] * w_old + tile[:, :, :, :e] * w_new
+
+
+def tiled_map(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tile: int, stride: int,
+              blend: int, keep: int) -> torch.Tensor:
+    """``fn`` over ``tile``-sized windows of x (B, C, H, W) every ``stride`` pixels, outputs blended and stitched.
+
+    diffusers' AutoencoderKL tiling rules: windows start at 0, stride, 2*stride... (the last ones
+    may be smaller); in raster order each output fades in linearly over ``blend`` rows from the
+    (already blended) one above, then over ``blend`` columns from the one to its left, and
+    contributes its first ``keep`` rows and columns. Streamed: only one row of outputs is held.
+    Outputs land where their inputs were when ``keep`` = stride * s and ``blend`` = (tile - stride) * s
+    for the output/input scale s (as the VAE's callers pass them).
+    """
+    H, W = x.shape[-2:]
+    rows, above = [], None
+    for i in range(0, H, stride):
+        row = []
+        for j in range(0, W, stride):
+            out = fn(x[:, :, i:i + tile, j:j + tile])
+            if above is not None:
+                _blend_v(above[len(row)], out, blend)
+            if row:
+                _blend_h(row[-1], out, blend)
+            row.append(out)
+        if above is not None:
+            rows.append(torch.cat([t[:, :, :keep, :keep] for t in above], dim=3))
+        above = row
+    rows.append(torch.cat([t[:, :, :keep, :keep] for t in above], dim=3))
+    return torch.cat(rows, dim=2)
+
+
 class AutoencoderKL(nn.Module):
-    """encode(x in [-1,1]) -> posterior over latents; decode(z) -> image in about [-1,1]."""
+    """encode(x in [-1,1]) -> posterior over latents; decode(z) -> image in about [-1,1].
+
+    ``set_memory_savers`` makes encode/decode run one image at a time (slicing) and/or in
+    overlapping blended tiles (tiling); ``decode_checked`` redoes a reduced-precision decode that
+    overflowed in fp32.
+    """
 
     def __init__(self, cfg: VAEConfig | None = None, **params):
         super().__init__()
@@ -197,18 +256,111 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.factor = 2 ** (len(cfg.ch_mult) - 1)  # image pixels per latent pixel, each side
+        self.use_slicing = False
+        self.use_tiling = False
+        self.tile_latent = 64
+        self.tile_overlap = 0.25
 
     @property
     def dtype(self) -> torch.dtype:
         return self.quant_conv.weight.dtype
 
+    def set_memory_savers(self, slicing: bool = False, tiling: bool = False, tile_latent: int = 64,
+                          overlap: float = 0.25) -> None:
+        """Slicing: one image of the batch at a time. Tiling: latents wider or taller than ``tile_latent``
+        are decoded in ``tile_latent``-sized tiles (images encoded in ``tile_latent * factor`` tiles)
+        overlapping by ``int(tile_latent * overlap)`` latents, blended linearly over the overlap."""
+        if isinstance(tile_latent, bool) or not isinstance(tile_latent, int) or tile_latent < 1:
+            raise ValueError(f"tile_latent must be a positive integer (got {tile_latent!r})")
+        if not 0 <= overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1) (got {overlap!r})")
+        self.use_slicing, self.use_tiling = bool(slicing), bool(tiling)
+        self.tile_latent, self.tile_overlap = tile_latent, float(overlap)
+
+    def _tiles(self) -> tuple[int, int]:
+        """(tile, overlap) in latent pixels; whole latents keep image tiles aligned with latent tiles."""
+        return self.tile_latent, int(self.tile_latent * self.tile_overlap)
+
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 2*embed_dim, H/f, W/f) posterior moments of images x (B, C, H, W), tiled when enabled and large."""
+        tile, overlap = self._tiles()
+        f = self.factor
+        if self.use_tiling and max(x.shape[-2:]) > tile * f:
+            if x.shape[-2] % f or x.shape[-1] % f:  # else an edge tile can be too small for the encoder
+                raise ValueError(f"tiled VAE encode needs image sides that are multiples of {f} (got "
+                                 f"{x.shape[-2]}x{x.shape[-1]})")
+            return tiled_map(x, self._encode_tile, tile * f, (tile - overlap) * f, overlap, tile - overlap)
+        return self._encode_tile(x)
+
+    def _encode_tile(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(x))
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, out_ch, h*f, w*f) images of latents z (B, embed_dim, h, w), tiled when enabled and large."""
+        tile, overlap = self._tiles()
+        f = self.factor
+        if self.use_tiling and max(z.shape[-2:]) > tile:
+            return tiled_map(z, self._decode_tile, tile, tile - overlap, overlap * f, (tile - overlap) * f)
+        return self._decode_tile(z)
+
+    def _decode_tile(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x.to(self.dtype))))
+        """Posterior over latents of images x (B, C, H, W) in [-1, 1]."""
+        x = x.to(self.dtype)
+        if self.use_slicing and x.shape[0] > 1:
+            return DiagonalGaussianDistribution(torch.cat([self._moments(xi) for xi in x.split(1)]))
+        return DiagonalGaussianDistribution(self._moments(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z.to(self.dtype)))
+        """Images (B, out_ch, h*f, w*f) of latents z (B, embed_dim, h, w) (already divided by the scale factor)."""
+        z = z.to(self.post_quant_conv.weight.dtype)
+        if self.use_slicing and z.shape[0] > 1:
+            return torch.cat([self._decode(zi) for zi in z.split(1)])
+        return self._decode(z)
+
+    def decode_checked(self, z: torch.Tensor) -> torch.Tensor:
+        """``decode(z)``, decoded again in fp32 (with a warning) when fp16/bf16 weights or autocast overflowed."""
+        x = self.decode(z)
+        if bool(torch.isfinite(x).all()):
+            return x
+        dtype, device_type = self.post_quant_conv.weight.dtype, z.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        if (dtype == torch.float32 and not autocast) or not bool(torch.isfinite(z).all()):
+            warnings.warn(f"VAE decode produced non-finite values in {_name(dtype)} from "
+                          f"{'finite' if bool(torch.isfinite(z).all()) else 'non-finite'} latents", stacklevel=2)
+            return x
+        precision = _name(torch.get_autocast_dtype(device_type)) + " autocast" if autocast else _name(dtype)
+        warnings.warn(f"VAE decode in {precision} produced non-finite values; decoding again in float32",
+                      stacklevel=2)
+        with self._float32_decoder():
+            x32 = self.decode(z.float())
+        if not bool(torch.isfinite(x32).all()):
+            warnings.warn("VAE decode produced non-finite values in float32 too", stacklevel=2)
+        return x32.to(x.dtype)
+
+    @contextlib.contextmanager
+    def _float32_decoder(self) -> Iterator[None]:
+        """post_quant_conv and decoder in fp32 with autocast off and compiled graphs run eagerly; restored after."""
+        parts = (self.post_quant_conv, self.decoder)
+        weight = self.post_quant_conv.weight
+        dtype, device_type = weight.dtype, weight.device.type
+        try:
+            for part in parts:
+                part.float()
+            with torch.autocast(device_type, enabled=False), torch.compiler.set_stance("force_eager"):
+                yield
+        finally:
+            for part in parts:
+                part.to(dtype)
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True):
         posterior = self.encode(x)
         z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode(z), posterior
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

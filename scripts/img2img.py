@@ -83,7 +83,7 @@ def run(opt: argparse.Namespace) -> dict:
         raise UserError("img2img needs a text-to-image model; this is an inpainting model (use scripts/inpaint.py)")
     name = "plms" if opt.plms else "dpm" if opt.dpm else "ddim"
     sampler, sampler_name = make_sampler(name, model, device)
-    optimize(opt, model, rt)
+    print("speed: " + ", ".join(optimize(opt, model, rt)), file=sys.stderr)
 
     sample_dir = os.path.join(opt.outdir, "samples")
     os.makedirs(sample_dir, exist_ok=True)

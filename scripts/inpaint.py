@@ -81,7 +81,7 @@ def run(opt: argparse.Namespace) -> dict:
     if not getattr(model, "concat_keys", None):
         raise UserError(f"this is not an inpainting model (its UNet takes no mask); use {CONFIG_HELP}")
     sampler, sampler_name = make_sampler("plms" if opt.plms else "dpm" if opt.dpm else "ddim", model, device)
-    optimize(opt, model, rt)
+    print("speed: " + ", ".join(optimize(opt, model, rt)), file=sys.stderr)
 
     sample_dir = os.path.join(opt.outdir, "samples")
     os.makedirs(sample_dir, exist_ok=True)

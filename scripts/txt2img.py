@@ -90,7 +90,7 @@ def run(opt: argparse.Namespace) -> dict:
         print(f"--H/--W not given: {opt.H or size}x{opt.W or size}, this model's native size", file=sys.stderr)
         opt.H, opt.W = opt.H or size, opt.W or size
         check_size(opt)
-    optimize(opt, model, rt)
+    print("speed: " + ", ".join(optimize(opt, model, rt)), file=sys.stderr)
 
     sample_dir = os.path.join(opt.outdir, "samples")
     os.makedirs(sample_dir, exist_ok=True)
