@@ -3,6 +3,13 @@
     ldm-benchmark --ckpt checkpoints/v2-1_512-ema-pruned.ckpt \
         --config configs/stable-diffusion/v2-inference.yaml --batch 1,2,4           # GPU: 512x512, 50 steps, N=10
     ldm-benchmark --random sd2 --device cpu --H 256 --W 256 --steps 2 --repeats 2   # no weights needed
+    ldm-benchmark --ckpt checkpoints/v1-5-pruned-emaonly.safetensors                 # config guessed from the weights
+
+Models: SD 1.x (CLIP ViT-L/14 text encoder), SD 2.x eps and 768-v (v-prediction), with ``--config`` or guessed
+from the checkpoint (ldm.detect.guess_config; the guess is printed), or ``--random`` (a seeded random
+checkpoint of a repo config: ``sd1``, ``sd2``, ``sd2-v``, ``sd2-inpainting`` full size, ``sd1-tiny``, ``tiny``,
+``tiny-v``, ``tiny-inpainting`` for tests). Inpainting checkpoints (a 9-channel UNet input) get the UNet
+microbenchmark only, ours and the peer's: txt2img and diffusers' text-to-image pipeline cannot run them.
 
 Configurations run one after another, A B C D E P ..., and the sequence is repeated ``--repeats`` times
 (the blog's 10). Each run is a fresh process running ``scripts/txt2img.py --prompt "A photo" --seed 1 --plms
@@ -38,7 +45,12 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TXT2IMG = os.path.join(ROOT, "scripts", "txt2img.py")
-RANDOM_CONFIGS = {"tiny": "configs/tiny/v2-tiny.yaml", "sd2": "configs/stable-diffusion/v2-inference_native_mha.yaml"}
+SD = "configs/stable-diffusion/"
+RANDOM_CONFIGS = {"tiny": "configs/tiny/v2-tiny.yaml", "tiny-v": "configs/tiny/v2-tiny-v.yaml",
+                  "tiny-inpainting": "configs/tiny/v2-tiny-inpainting.yaml", "sd1-tiny": "configs/tiny/v1-tiny.yaml",
+                  "sd2": SD + "v2-inference_native_mha.yaml", "sd2-v": SD + "v2-inference-v_native_mha.yaml",
+                  "sd2-inpainting": SD + "v2-inpainting-inference_native_mha.yaml",
+                  "sd1": SD + "v1-inference_native_mha.yaml"}
 MB = 1024 ** 2
 
 
@@ -66,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--ckpt", help="checkpoint (.ckpt/.safetensors, either layout)")
-    m.add_argument("--config", help="its model yaml")
+    m.add_argument("--config", help="its model yaml (default: guessed from the checkpoint's keys and shapes)")
     m.add_argument("--random", choices=list(RANDOM_CONFIGS), help="make (and cache) a seeded random checkpoint")
     m.add_argument("--cache_dir", default=None, help="random checkpoints and diffusers exports "
                    "(default: $XDG_CACHE_HOME/ldm-fast/benchmark or ~/.cache/ldm-fast/benchmark)")
@@ -112,8 +124,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opt = p.parse_args(argv)
     if opt.random and (opt.ckpt or opt.config):
         p.error("--random makes its own checkpoint: drop --ckpt/--config")
-    if not opt.random and not (opt.ckpt and opt.config):
-        p.error("give --ckpt and --config, or --random tiny|sd2")
+    if not opt.random and not opt.ckpt:
+        p.error(f"give --ckpt (and --config, or it is guessed), or --random {'|'.join(RANDOM_CONFIGS)}")
     return opt
 
 
@@ -191,10 +203,34 @@ def tail(log: str) -> str:
     return lines[-1][:200] if lines else "no output"
 
 
+def resolve_config(ckpt: str, config: str | None) -> str:
+    """``config``, or the repo yaml that fits the checkpoint's keys and shapes (the guess is printed on stderr)."""
+    from ldm.checkpoint import CheckpointError, read_checkpoint
+    from ldm.detect import guess_config
+    for path, what in ((ckpt, "checkpoint"), (config, "config")):
+        if path and not os.path.isfile(path):
+            raise SystemExit(f"error: {what} not found: {path}")
+    if config:
+        return config
+    try:
+        sd, _ = read_checkpoint(ckpt)
+        path, message = guess_config(sd, os.path.basename(ckpt))
+    except CheckpointError as e:
+        raise SystemExit(f"error: {ckpt}: {e}") from None
+    print(message, file=sys.stderr)
+    return path
+
+
+def is_inpainting(config: str) -> bool:
+    """True when the config's model is an inpainting one (hybrid conditioning: a 9-channel UNet input)."""
+    from ldm.checkpoint import load_config
+    return load_config(config).conditioning_key == "hybrid"
+
+
 def prepare_model(opt: argparse.Namespace) -> tuple[str, str, str]:
-    """(config, ckpt, model name); a random checkpoint is made once and cached."""
+    """(config, ckpt, model name); a random checkpoint is made once and cached; a missing config is guessed."""
     if not opt.random:
-        return opt.config, opt.ckpt, os.path.splitext(os.path.basename(opt.ckpt))[0]
+        return resolve_config(opt.ckpt, opt.config), opt.ckpt, os.path.splitext(os.path.basename(opt.ckpt))[0]
     config = os.path.join(ROOT, RANDOM_CONFIGS[opt.random])
     ckpt = os.path.join(cache_dir(opt), f"random-{opt.random}-seed0-native_mha.ckpt")
     if not os.path.isfile(ckpt):
@@ -325,6 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     if opt.ladder:
         opt.unet_iters = 0
     config, ckpt, model_name = prepare_model(opt)
+    run_configs = configs
+    if is_inpainting(config):
+        if opt.ladder:
+            raise SystemExit("error: --ladder times text-to-image runs, which an inpainting model cannot do; "
+                             "drop --ladder for its UNet microbenchmark")
+        run_configs = []
+        notes.append("inpainting model: the end-to-end runs and the peer check are skipped (txt2img and diffusers' "
+                     "text-to-image pipeline cannot run a 9-channel UNet); the UNet microbenchmark runs with its "
+                     "input channels")
+        opt.check = False
     os.makedirs(opt.outdir, exist_ok=True)
     base = os.path.join(opt.outdir, opt.name)
     weights = None
@@ -343,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, order = [], 0
         for batch in batches:
             for rep in range(opt.repeats):
-                for cfg in configs:
+                for cfg in run_configs:
                     row = run_once(cfg, opt, config, ckpt, weights, batch, rep, order, dtype, scratch_root, logs)
                     row.update(model=model_name, H=opt.H, W=opt.W, steps=opt.steps, n_iter=opt.n_iter, dtype=dtype,
                                code=code)
@@ -363,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{u['ms_mean']:.1f} ms/step, first call {u['first_call_s']:.2f}s"
                         if u["status"] == "ok" else u["status"]), file=sys.stderr, flush=True)
     summary = report.summarize(rows)
-    env = next((r for r in rows if r["status"] == "ok"), {})
+    env = next((r for r in rows + unet_rows if r["status"] == "ok"), {})
     header = [f"## {model_name}, {opt.H}x{opt.W}, {opt.steps} PLMS steps, n_iter {opt.n_iter} (+1 warm-up), "
               f"N={opt.repeats}, {dtype}", "",
               f"Device: {env.get('device_name', device.type)}; torch {env.get('torch', '?')}; code {code}; "
@@ -372,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in rows if r["status"] != "ok"]
     notes += [f"{len(failed)} run(s) failed, e.g. {failed[0]['config']}: {failed[0]['status']}"] if failed else []
     notes += ["'process s' is each run's whole process (start, load, warm-up iteration with any compilation, "
-              "timed iterations, PNG writing); 'mean s' is the timed part only."]
+              "timed iterations, PNG writing); 'mean s' is the timed part only."] if rows else []
     notes += compile_notes(rows, configs)
     if any(u.get("fit_method") for u in unet_rows):
         notes.append(f"largest HxW in budget: the eager UNet (compile is not applied in the search) at UNet batch 2 "
@@ -380,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                      "'estimate' adds up tensor sizes on fake tensors (no compute), 'measure' runs real forwards.")
     note = report.charts(rows, summary, f"{model_name} {opt.H}x{opt.W}, {opt.steps} steps, {dtype}, "
                                         f"{env.get('device_name', device.type)}", base + "-runs.png",
-                         base + "-summary.png")
+                         base + "-summary.png") if rows else None
     notes += [note] if note else []
     report.write_csv(base + "-runs.csv", rows, report.RUN_FIELDS)
     report.write_csv(base + "-summary.csv", summary, report.SUMMARY_FIELDS)
@@ -393,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(base + ".md", "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print(text)
+    if not rows:  # an inpainting model: only the UNet microbenchmark ran
+        return 1 if unet_rows and all(u["status"] != "ok" for u in unet_rows) else 0
     return 1 if failed and len(failed) == len(rows) else 0
 
 

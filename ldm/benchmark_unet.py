@@ -11,7 +11,9 @@ reset, of the timed steps alone (its rise over the memory before them is one ste
 beside the fake-tensor estimate), and the largest square resolution whose
 UNet forward fits ``--budget_gb``: measured with real forwards on CUDA, estimated from tensor sizes on fake
 tensors elsewhere (``--fit estimate``), since the math path at 2048x2048 needs far more memory, and time,
-than a CPU has. The search runs the eager UNet: compilation is not applied to it.
+than a CPU has. The search runs the eager UNet: compilation is not applied to it. The inputs follow the
+UNet's config: its input channels (4, or 9 for inpainting: the latent, the mask and the masked image's
+latent) and its context width (1024 for SD 2's OpenCLIP, 768 for SD 1's CLIP).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--disable_mem_efficient", action="store_true")
     p.add_argument("--disable_flash", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune"], default="default")
+    p.add_argument("--compile_mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--precision", choices=["full", "autocast"], default=None)
@@ -61,14 +64,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def unet_factory(opt: argparse.Namespace):
-    """(build() -> UNet with this configuration's attention, call(unet, x, t, context) -> eps, context width)."""
+    """(build() -> UNet with this configuration's attention, call(unet, x, t, context) -> eps,
+    (input channels, context width))."""
     if opt.peer:
         import json
         from diffusers import UNet2DConditionModel
         with open(os.path.join(opt.weights, "configs.json"), encoding="utf-8") as f:
             cfg = json.load(f)["unet"]
         return (lambda: UNet2DConditionModel(**cfg).eval(),
-                lambda m, x, t, c: m(x, t, c, return_dict=False)[0], cfg["cross_attention_dim"])
+                lambda m, x, t, c: m(x, t, c, return_dict=False)[0], (cfg["in_channels"], cfg["cross_attention_dim"]))
     from ldm.attention import set_attention_backend
     from ldm.checkpoint import load_config
     from ldm.unet import UNetModel
@@ -78,7 +82,7 @@ def unet_factory(opt: argparse.Namespace):
         unet = UNetModel(cfg).eval()
         set_attention_backend(unet, opt.attention)
         return unet
-    return build, lambda m, x, t, c: m(x, t, c), cfg.context_dim
+    return build, lambda m, x, t, c: m(x, t, c), (cfg.in_channels, cfg.context_dim)
 
 
 def load_unet(opt: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -106,10 +110,11 @@ def load_unet(opt: argparse.Namespace, device: torch.device, dtype: torch.dtype)
     return unet.to(device=device, dtype=dtype)
 
 
-def inputs(batch: int, h: int, w: int, context_dim: int, device, dtype) -> tuple[torch.Tensor, ...]:
-    """x (B, 4, h, w), t (B,), context (B, 77, D): one guided sampling step's UNet input."""
+def inputs(batch: int, h: int, w: int, dims: tuple[int, int], device, dtype) -> tuple[torch.Tensor, ...]:
+    """x (B, C, h, w), t (B,), context (B, 77, D) for dims = (C, D): one guided sampling step's UNet input."""
+    in_channels, context_dim = dims
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 4, h, w, generator=g).to(device, dtype)
+    x = torch.randn(batch, in_channels, h, w, generator=g).to(device, dtype)
     context = torch.randn(batch, 77, context_dim, generator=g).to(device, dtype)
     return x, torch.full((batch,), 981, dtype=torch.long, device=device), context
 
@@ -138,16 +143,16 @@ def largest_fit(fits, resolutions: list[int]) -> int | None:
 
 def fit_resolution(opt, method: str, unet, device, dtype, budget: int, scopes) -> tuple[int | None, dict[int, int]]:
     """(largest fitting resolution, {resolution: peak bytes (or -1 for out of memory)} of the probes)."""
-    build, call, ctx_dim = unet_factory(opt)
+    build, call, dims = unet_factory(opt)
     probes: dict[int, int] = {}
 
     def peak_at(res: int) -> int:
         if method == "estimate":
             with scopes():
                 est = estimate_peak_bytes(lambda: built_in(build, dtype),
-                                          lambda: inputs(2, res // 8, res // 8, ctx_dim, "cpu", dtype), call)
+                                          lambda: inputs(2, res // 8, res // 8, dims, "cpu", dtype), call)
             return est["total"]
-        x, t, c = inputs(2, res // 8, res // 8, ctx_dim, device, dtype)
+        x, t, c = inputs(2, res // 8, res // 8, dims, device, dtype)
         torch.cuda.empty_cache()
         reset_peak(device)
         try:
@@ -181,13 +186,9 @@ def run(opt: argparse.Namespace) -> dict:
     loaded = memory_now(device)
     eager = unet
     if opt.compile:
-        import torch._inductor.config as inductor_config
-        if device.type == "cpu":
-            inductor_config.freezing = True  # as ldm.runtime.compile_unet
-        inductor_config.fx_graph_cache = True
-        unet = torch.compile(unet, fullgraph=True, mode=None if opt.compile_mode == "default" else opt.compile_mode)
-    _, call, ctx_dim = unet_factory(opt)
-    x, t, c = inputs(opt.batch, opt.H // 8, opt.W // 8, ctx_dim, device, dtype)
+        unet = runtime.compile_module(unet, opt.compile_mode, device)  # the settings txt2img's --compile uses
+    _, call, dims = unet_factory(opt)
+    x, t, c = inputs(opt.batch, opt.H // 8, opt.W // 8, dims, device, dtype)
     step = lambda: call(unet, x, t, c)
     with torch.no_grad(), scopes():
         reset_peak(device)
@@ -198,10 +199,10 @@ def run(opt: argparse.Namespace) -> dict:
         before = memory_now(device)
         times = time_calls(step, opt.iters, device)
         peak, kind = peak_memory(device)  # steady state: weights and one step's activations
-    build, call, ctx_dim = unet_factory(opt)
+    build, call, dims = unet_factory(opt)
     with scopes():
         est = estimate_peak_bytes(lambda: built_in(build, dtype),
-                                  lambda: inputs(opt.batch, opt.H // 8, opt.W // 8, ctx_dim, "cpu", dtype), call)
+                                  lambda: inputs(opt.batch, opt.H // 8, opt.W // 8, dims, "cpu", dtype), call)
     result = {"s_mean": statistics.fmean(times), "s_median": statistics.median(times), "s_min": min(times),
               "s_max": max(times), "iters": len(times), "first_call_s": first, "peak_bytes": peak, "peak_kind": kind,
               "loaded_bytes": loaded, "before_bytes": before, "first_peak_bytes": first_peak,

@@ -22,10 +22,11 @@ from ldm.benchmark_unet import largest_fit
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def harness(tmp_path, cache, configs: str, *extra: str, repeats: int = 1, device: str = "cpu") -> str:
+def harness(tmp_path, cache, configs: str, *extra: str, repeats: int = 1, device: str = "cpu",
+            model: str = "tiny") -> str:
     """Run ldm-benchmark in this process (its runs are subprocesses); returns the output files' prefix."""
     out = tmp_path / "out"
-    argv = ["--random", "tiny", "--cache_dir", str(cache), "--device", device, "--H", "64", "--W", "64",
+    argv = ["--random", model, "--cache_dir", str(cache), "--device", device, "--H", "64", "--W", "64",
             "--steps", "2", "--repeats", str(repeats), "--configs", configs, "--unet_iters", "2", "--threads", "1",
             "--memory_budget_gb", "1", "--outdir", str(out), "--name", "t", *extra]
     assert benchmark.main(argv) == 0
@@ -246,3 +247,137 @@ def test_ladder_configs_interleave_ours_and_peer():
         assert [c.peer for c in configs] == [False, True] * 3
     opt = benchmark.parse_args(["--random", "tiny", "--ladder", "--no_peer"])
     assert [c.key for c in benchmark.select_configs(opt)[0]] == [f"S{k}" for k in range(8)]
+
+
+# ---- SD 1.x, SD 2.x 768-v and the inpainting UNet ----
+
+def random_model(cache, name: str) -> tuple[str, str]:
+    """(config, ckpt) of the harness's cached random checkpoint ``--random name``."""
+    config, ckpt, _ = benchmark.prepare_model(benchmark.parse_args(["--random", name, "--cache_dir", str(cache)]))
+    return config, ckpt
+
+
+def test_peer_matches_ours_sd1_tiny(cache):
+    """SD 1: diffusers' CLIPTextModel (quick-GELU, all layers, final LN) and its tokenizer (EOT padding) from
+    the converted weights give our text context, latents and images from the same x_T."""
+    pytest.importorskip("diffusers")
+    import json
+    import os
+    from ldm.benchmark_peer import cached_export, check, load_tokenizer
+    from ldm.checkpoint import load_config
+    from ldm.clip_text import tokenize
+    config, ckpt = random_model(cache, "sd1-tiny")
+    weights = cached_export(config, ckpt, str(cache))
+    with open(os.path.join(weights, "configs.json"), encoding="utf-8") as f:
+        exported = json.load(f)
+    text_cfg = load_config(config).text
+    assert exported["text_encoder"]["hidden_act"] == "quick_gelu"
+    assert exported["text_encoder"]["num_hidden_layers"] == text_cfg.layers  # no layer dropped, unlike SD 2
+    assert exported["unet"]["cross_attention_dim"] == 64 and exported["unet"]["use_linear_projection"] is False
+    assert exported["unet"]["attention_head_dim"] == [2, 2]  # num_heads: 2, diffusers' legacy name
+    tok = load_tokenizer(weights, exported["tokenizer"])
+    for prompt in ["A photo", "a painting of a fox, by Hokusai & friends!!", ""]:
+        ids = tok(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        assert ids == tokenize(prompt)[0].tolist()
+        assert ids[-1] == 49407  # padded with <|endoftext|>, not "!" (0) as SD 2
+    errors = check(config, ckpt, weights, steps=4, size=64)
+    # measured: text 0, latents 2.3e-6, images 1.5e-6 (fp32 CPU)
+    assert errors["text"] < 1e-5 and errors["latents"] < 1e-4 and errors["images"] < 1e-4, errors
+
+
+def test_peer_matches_ours_sd2_v_tiny(cache):
+    """SD 2 768-v: the peer's PLMS turns each call's v into eps as ours does (diffusers' own v_prediction PNDM
+    would combine v's across steps: 0.29 apart after 4 steps)."""
+    pytest.importorskip("diffusers")
+    from ldm.benchmark_peer import cached_export, check
+    config, ckpt = random_model(cache, "tiny-v")
+    errors = check(config, ckpt, cached_export(config, ckpt, str(cache)), steps=4, size=64)
+    # measured: text 0, latents 6.2e-6, images 6.9e-6 (fp32 CPU)
+    assert errors["text"] < 1e-5 and errors["latents"] < 1e-4 and errors["images"] < 1e-4, errors
+
+
+def test_v_to_eps_closed_form():
+    """x_t = sqrt(a) x0 + sqrt(1-a) eps and v = sqrt(a) eps - sqrt(1-a) x0 give back eps, at each call's t."""
+    pytest.importorskip("diffusers")
+    from diffusers import PNDMScheduler
+    from ldm.benchmark_peer import v_to_eps
+    sched = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for t in (1, 500, 999):
+        a = sched.alphas_cumprod[t]
+        x_t, v = a.sqrt() * x0 + (1 - a).sqrt() * eps, a.sqrt() * eps - (1 - a).sqrt() * x0
+        torch.testing.assert_close(v_to_eps(sched, v, torch.tensor(t), x_t), eps, atol=1e-5, rtol=1e-5)
+
+
+def test_unet_microbenchmark_inpainting_tiny(cache, tmp_path):
+    """9-channel inputs for the inpainting UNet, ours and the peer's: both UNets give the same eps on them."""
+    pytest.importorskip("diffusers")
+    import json
+    from ldm import benchmark_unet
+    from ldm.benchmark_peer import cached_export
+    config, ckpt = random_model(cache, "tiny-inpainting")
+    weights = cached_export(config, ckpt, str(cache))
+    ours, _ = benchmark_unet.parse_args(["--config", config, "--ckpt", ckpt, "--stats", "x"])
+    peer, _ = benchmark_unet.parse_args(["--peer", "--weights", weights, "--stats", "x"])
+    out = {}
+    for name, opt in (("ours", ours), ("peer", peer)):
+        assert benchmark_unet.unet_factory(opt)[2] == (9, 64)  # (in_channels, context width)
+        unet = benchmark_unet.load_unet(opt, torch.device("cpu"), torch.float32)
+        x, t, c = benchmark_unet.inputs(2, 8, 8, (9, 64), "cpu", torch.float32)
+        assert x.shape == (2, 9, 8, 8) and c.shape == (2, 77, 64)
+        with torch.no_grad():
+            out[name] = benchmark_unet.unet_factory(opt)[1](unet, x, t, c)
+    assert out["ours"].shape == (2, 4, 8, 8)
+    assert (out["ours"] - out["peer"]).abs().max() / out["peer"].abs().max() < 1e-5  # measured ~1e-7
+    for name, src in (("ours", ["--config", config, "--ckpt", ckpt]), ("peer", ["--peer", "--weights", weights])):
+        stats = tmp_path / f"{name}.json"
+        assert benchmark_unet.main([*src, "--H", "64", "--W", "64", "--iters", "2", "--device", "cpu",
+                                    "--fit", "none", "--stats", str(stats)]) == 0
+        st = json.loads(stats.read_text())
+        assert st["iters"] == 2 and st["s_mean"] > 0 and st["est_bytes"] > 0
+
+
+def test_ckpt_without_config_is_guessed(cache, capsys):
+    """--ckpt alone: the config comes from ldm.detect.guess_config, and the guess is printed."""
+    import os
+    _, ckpt = random_model(cache, "sd1-tiny")
+    capsys.readouterr()
+    config, got, name = benchmark.prepare_model(benchmark.parse_args(["--ckpt", ckpt]))
+    assert got == ckpt and name == "random-sd1-tiny-seed0-native_mha"
+    assert os.path.samefile(config, os.path.join(benchmark.ROOT, "configs", "tiny", "v1-tiny.yaml"))
+    assert "detected tiny SD1-shaped test model" in capsys.readouterr().err
+    _, ckpt_v = random_model(cache, "tiny-v")
+    config, _, _ = benchmark.prepare_model(benchmark.parse_args(["--ckpt", ckpt_v]))
+    assert os.path.basename(config) == "v2-tiny-v.yaml"  # the weights cannot tell eps from v: v assumed, said so
+    assert "assumed v-prediction" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        benchmark.prepare_model(benchmark.parse_args(["--ckpt", str(cache / "missing.ckpt")]))
+    with pytest.raises(SystemExit):
+        benchmark.parse_args([])
+
+
+def test_harness_inpainting_tiny_unet_only(tmp_path, cache):
+    """An inpainting model: no end-to-end runs (txt2img cannot run it), the UNet microbenchmark for ours and P."""
+    pytest.importorskip("diffusers")
+    prefix = harness(tmp_path, cache, "D,P", "--fit", "none", model="tiny-inpainting")
+    _, runs = read_csv(prefix + "-runs.csv")
+    assert runs == []
+    _, unet = read_csv(prefix + "-unet.csv")
+    assert [u["config"] for u in unet] == ["D", "P"] and {u["status"] for u in unet} == {"ok"}
+    assert all(float(u["ms_mean"]) > 0 for u in unet)
+    with open(prefix + ".md", encoding="utf-8") as f:
+        assert "inpainting model: the end-to-end runs and the peer check are skipped" in f.read()
+
+
+@pytest.mark.slow
+def test_harness_sd1_tiny_end_to_end(tmp_path, cache):
+    """--random sd1-tiny through the whole harness, peer check included (about 2 minutes on a shared CPU)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("matplotlib")
+    prefix = harness(tmp_path, cache, "A,C,D,P", "--check", model="sd1-tiny")
+    check_outputs(prefix, ["A", "C", "D", "P"], repeats=1)
+    with open(prefix + ".md", encoding="utf-8") as f:
+        text = f.read()
+    latents = float(re.search(r"latents (\S+),", text).group(1))
+    assert "## random-sd1-tiny" in text and latents < 1e-4
