@@ -43,10 +43,21 @@ class _Slot:
             self.owner._buffers[self.name] = data
             return
         param = self.owner._parameters[self.name]
-        if torch._has_compatible_shallow_copy_type(param, data):  # cpu <-> cuda: keep the Parameter object
-            param.data = data
-        else:  # e.g. cpu <-> meta, as nn.Module.to does it: a new Parameter
+        try:
+            param.data = data  # cpu <-> cuda: the same Parameter object, so references and compile guards hold
+        except RuntimeError:  # types that cannot share one (cpu <-> meta, some subclasses): a new Parameter
             self.owner._parameters[self.name] = nn.Parameter(data, requires_grad=param.requires_grad)
+
+
+def _home_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """``t`` on the CPU, in pinned memory (fast, asynchronous copies to CUDA) where its tensor type allows."""
+    home = t.detach().to("cpu")
+    if pin:
+        try:
+            return home.pin_memory()
+        except (RuntimeError, NotImplementedError):  # e.g. a quantized tensor subclass without pin_memory
+            pass
+    return home
 
 
 def _slots(module: nn.Module, pin: bool) -> list[_Slot]:
@@ -58,8 +69,7 @@ def _slots(module: nn.Module, pin: bool) -> list[_Slot]:
                 if t is None or (is_param and id(t) in homes):  # a shared Parameter moves with its first slot
                     continue
                 if id(t) not in homes:  # keyed by id, so t is kept alive here until the end
-                    home = t.detach().to("cpu")
-                    homes[id(t)] = (t, home.pin_memory() if pin else home)
+                    homes[id(t)] = (t, _home_copy(t, pin))
                 slot = _Slot(owner, name, is_param, homes[id(t)][1])
                 slot.point_to(slot.home)
                 slots.append(slot)
@@ -120,9 +130,14 @@ class ModelOffload:
         self.offload()
         if self.device.type != "cpu" and (why := compile_conflict(self.parts[name])) is not None:
             raise ValueError(why)  # compiled after offload was enabled
-        with torch.inference_mode(False), torch.no_grad():
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                for slot in self._slots[name]:
+                    slot.point_to(slot.home.to(self.device, non_blocking=True))
+        except BaseException:  # all or nothing: a half-moved component would fail confusingly later
             for slot in self._slots[name]:
-                slot.point_to(slot.home.to(self.device, non_blocking=True))
+                slot.point_to(slot.home)
+            raise
         self.active = name
         self.loads += 1
 
