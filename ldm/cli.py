@@ -193,6 +193,9 @@ def optimize(opt: argparse.Namespace, model, rt: Runtime) -> list[str]:
         done.append("TF32 matmuls (--no_tf32 for full fp32)")
     if opt.offload:
         from ldm.offload import enable_model_offload
+        if (opt.compile or opt.compile_vae) and runtime.uses_cudagraphs(opt.compile_mode, rt.device):
+            raise UserError(f"--offload moves weights between calls, which CUDA graphs (--compile_mode "
+                            f"{opt.compile_mode}) cannot follow; use --compile_mode default or drop --offload")
         enable_model_offload(model, rt.device)
         done.append(f"model offload to {rt.device.type} per component")
     if opt.compile:
