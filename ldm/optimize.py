@@ -9,7 +9,8 @@ Each works in place on any module (the whole LatentDiffusion, its UNet or its VA
 - ``to_channels_last(model)``: conv weights stored channels_last, so every activation between
   convs is channels_last too (the first conv converts the NCHW input; see ``SpatialTransformer``).
 - ``quantize_int8(model)``: torchao's dynamic int8-activation x int8-weight matmuls for the
-  linear layers large enough to gain (optional dependency ``torchao``; fast only when compiled).
+  linear layers large enough to gain (optional dependency ``torchao``). Each call quantizes the
+  activations on the fly; compiled, inductor fuses that into the neighbouring ops.
 """
 
 from __future__ import annotations
@@ -36,10 +37,17 @@ def to_channels_last(model: nn.Module) -> int:
     """Store the 4-D (conv) weights of ``model`` channels_last; returns how many.
 
     Convolutions give a channels_last output when their weight is, so activations follow without
-    converting inputs. Undo with ``model.to(memory_format=torch.contiguous_format)``.
+    converting inputs. Only 4-D parameters are touched (in place, the Parameter objects stay), so it
+    also works on a model already quantized by ``quantize_int8``, whose int8 weights ``Module.to``
+    cannot convert once compiled. Undo with ``model.to(memory_format=torch.contiguous_format)``.
     """
-    count = sum(1 for p in model.parameters() if p.dim() == 4)
-    model.to(memory_format=torch.channels_last)
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                if p.dim() == 4:  # empty_like restrides 1x1 kernels too, which contiguous() leaves as they are
+                    p.data = torch.empty_like(p, memory_format=torch.channels_last).copy_(p)
+                    count += 1
     return count
 
 
@@ -117,7 +125,9 @@ def quantize_int8(model: nn.Module, min_features: int = 320, attention: bool = T
 
     ``conv1x1`` first turns pointwise convs into linear layers (``swap_conv1x1_to_linear``) so they
     are quantized too. ``inductor_config`` lets torchao set its recommended inductor options (process
-    wide). Apply after moving the model to its device and dtype; eager int8 is slow, compile it.
+    wide). Apply after moving the model to its device and dtype (then only ``to_channels_last`` and
+    ``set_fused_projections`` still apply), and compile: eager, the on-the-fly activation quantization
+    is separate kernels, which only large layers repay.
     """
     try:
         from torchao.quantization import FqnToConfig, Int8DynamicActivationInt8WeightConfig, quantize_
