@@ -161,3 +161,16 @@ def test_blog_command_lines_on_a_converted_full_size_sd2(tmp_path):
         assert len(files) == 2
         img = Image.open(out / "samples" / files[0])
         assert img.size == (256, 256) and "Sampler: PLMS" in img.text["parameters"]
+        if i == 0:
+            continue
+        # SD 2 768-v end to end at its native size, config left to the auto-detection: same random weights
+        # (eps and v models have identical shapes), so the name decides v (no "512" in it) and 768x768 follows.
+        out = tmp_path / "out-768v"
+        p = subprocess.run([sys.executable, SCRIPT, "--prompt", "A photo", "--seed", "1", "--ckpt", str(native),
+                            "--steps", "1", "--n_iter", "1", "--n_samples", "1", "--outdir", str(out)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "v2-inference-v_native_mha.yaml" in p.stderr and "assumed v-prediction" in p.stderr, p.stderr[-2000:]
+        assert "768x768" in p.stderr
+        img = Image.open(out / "samples" / pngs(out / "samples")[0])
+        assert img.size == (768, 768)
