@@ -219,6 +219,14 @@ def make_sampler(name: str, model, device):
     return DDIMSampler(model, device=device), "DDIM"
 
 
+def print_summary(opt: argparse.Namespace, summary: dict) -> None:
+    """The closing line: images, timed seconds and rate, where the files are."""
+    s = summary["seconds"]
+    print(f"Sampled {summary['images']} images in {s:.2f}s ({summary['images'] / s if s > 0 else 0.0:.3f} images/s, "
+          f"timed{' after a warm-up iteration' if opt.skip_first else ''}). Samples in {opt.outdir}/samples, "
+          f"grid {summary['grid']}")
+
+
 def write_time_file(path: str | None, seconds: float) -> None:
     if path:
         with open(path, "w") as f:

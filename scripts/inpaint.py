@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, ROOT)
 
-from ldm.cli import (read_prompts, UserError, add_model_args, add_speed_args, build_model, check_model_args,  # noqa: E402
-                     guarded, make_sampler, optimize, setup, write_time_file)
+from ldm.cli import (UserError, add_model_args, add_speed_args, build_model, check_model_args, guarded,  # noqa: E402
+                     make_sampler, optimize, print_summary, read_prompts, setup, write_time_file)
 
 DEMO_CONFIG = os.path.join(ROOT, "configs", "tiny", "v2-tiny-inpainting.yaml")
 CONFIG_HELP = "configs/stable-diffusion/v2-inpainting-inference.yaml with an SD 2 inpainting checkpoint"
@@ -148,10 +148,7 @@ def _main(opt: argparse.Namespace) -> int:
         print("--demo: a tiny inpainting model with RANDOM weights; the image will be noise. "
               "It checks the pipeline, not the picture.", file=sys.stderr)
     summary = run(opt)
-    s = summary["seconds"]
-    print(f"Sampled {summary['images']} images in {s:.2f}s ({summary['images'] / s if s > 0 else 0.0:.3f} images/s, "
-          f"timed{' after a warm-up iteration' if opt.skip_first else ''}). Samples in {opt.outdir}/samples, "
-          f"grid {summary['grid']}")
+    print_summary(opt, summary)
     return 0
 
 

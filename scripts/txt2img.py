@@ -19,8 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, ROOT)
 
-from ldm.cli import (read_prompts, UserError, add_model_args, add_speed_args, build_model, check_model_args, describe,  # noqa: E402,F401
-                     guarded, make_sampler, native_size, optimize, setup, write_time_file)
+from ldm.cli import (UserError, add_model_args, add_speed_args, build_model, check_model_args, guarded,  # noqa: E402
+                     make_sampler, native_size, optimize, print_summary, read_prompts, setup,
+                     write_time_file)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -153,10 +154,7 @@ def _main(opt: argparse.Namespace) -> int:
         print("--demo: a tiny model with RANDOM weights; the image will be noise. "
               "It checks the pipeline, not the picture.", file=sys.stderr)
     summary = run(opt)
-    s = summary["seconds"]
-    print(f"Sampled {summary['images']} images in {s:.2f}s ({summary['images'] / s if s > 0 else 0.0:.3f} images/s, "
-          f"timed{' after a warm-up iteration' if opt.skip_first else ''}). Samples in {opt.outdir}/samples, "
-          f"grid {summary['grid']}")
+    print_summary(opt, summary)
     return 0
 
 

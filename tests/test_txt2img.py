@@ -121,12 +121,8 @@ def test_errors_are_one_line_and_leave_no_images(ckpts, tmp_path, extra, message
 
 
 def test_out_of_memory_message_names_the_flags():
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    try:
-        import txt2img
-    finally:
-        sys.path.pop(0)
-    msg = txt2img.describe(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    from ldm.cli import describe
+    msg = describe(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert msg.startswith("out of memory") and "--n_samples" in msg and "--disable_mem_efficient" in msg
 
 
