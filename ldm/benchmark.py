@@ -142,6 +142,13 @@ def ladder_configs(opt: argparse.Namespace) -> list[Config]:
     return chosen
 
 
+def config_dtype(cfg: Config, default: str) -> str:
+    """The dtype a configuration runs in: the last --dtype among its flags (the ladder's), else the run's."""
+    flags = list(cfg.flags)
+    where = [i for i, f in enumerate(flags) if f == "--dtype" and i + 1 < len(flags)]
+    return flags[where[-1] + 1] if where else default
+
+
 def select_configs(opt: argparse.Namespace) -> tuple[list[Config], list[str]]:
     """The configurations to run, in order, and notes on the ones skipped."""
     if opt.ladder:
@@ -391,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(opt.repeats):
                 for cfg in run_configs:
                     row = run_once(cfg, opt, config, ckpt, weights, batch, rep, order, dtype, scratch_root, logs)
-                    row.update(model=model_name, H=opt.H, W=opt.W, steps=opt.steps, n_iter=opt.n_iter, dtype=dtype,
+                    row.update(model=model_name, H=opt.H, W=opt.W, steps=opt.steps, n_iter=opt.n_iter,
+                               dtype=config_dtype(cfg, dtype),
                                code=code)
                     rows.append(row)
                     order += 1
@@ -411,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.summarize(rows)
     env = next((r for r in rows + unet_rows if r["status"] == "ok"), {})
     header = [f"## {model_name}, {opt.H}x{opt.W}, {opt.steps} PLMS steps, n_iter {opt.n_iter} (+1 warm-up), "
-              f"N={opt.repeats}, {dtype}", "",
+              f"N={opt.repeats}, {'dtype per ladder step' if opt.ladder else dtype}", "",
               f"Device: {env.get('device_name', device.type)}; torch {env.get('torch', '?')}; code {code}; "
               f"started {started}, took {(time.perf_counter() - t_start) / 60:.1f} min.", "",
               "Command: `ldm-benchmark " + " ".join(shlex.quote(a) for a in argv) + "`"]

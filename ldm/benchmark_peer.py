@@ -288,7 +288,7 @@ def optimize_peer(pipe, opt: argparse.Namespace, device: torch.device) -> None:
         from diffusers.models.attention_processor import AttnProcessor
         pipe.unet.set_attn_processor(AttnProcessor())
     if opt.fuse_projections:
-        pipe.fuse_qkv_projections()
+        pipe.fuse_qkv_projections(vae=False)  # ours fuses the UNet's attention only
     if opt.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)

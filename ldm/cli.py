@@ -72,6 +72,9 @@ def check_model_args(opt: argparse.Namespace) -> None:
         raise UserError(f"--ckpt is required (or try --demo, which needs no weights); {WEIGHTS_HELP}")
     if getattr(opt, "compile_mode", "default") != "default" and not opt.compile and not opt.compile_vae:
         raise UserError(f"--compile_mode {opt.compile_mode} needs --compile or --compile_vae")
+    if getattr(opt, "compile_vae", False) and getattr(opt, "vae_tiling", False):
+        raise UserError("--compile_vae with --vae_tiling would compile the decoder again for every tile shape; "
+                        "pick one")
     if getattr(opt, "int8", False) and opt.attention in ("mha", "xformers"):
         raise UserError(f"--int8 does not run with --attention {opt.attention}; use sdpa or math")
 
@@ -164,6 +167,16 @@ def native_size(model, demo: bool = False) -> int:
     if demo:
         return 64
     return 768 if model.parameterization == "v" else 512
+
+
+def check_latent_size(model, height: int, width: int, f: int) -> None:
+    """The UNet halves the latent len(channel_mult)-1 times and must double it back exactly: sides must be
+    multiples of f * 2**(levels-1) (64 for SD), or the skip connections do not line up."""
+    multiple = f * 2 ** (len(model.cfg.unet.channel_mult) - 1)
+    for name, v in (("H", height), ("W", width)):
+        if v % multiple:
+            raise UserError(f"--{name} {v} must be a multiple of {multiple} for this model (its UNet halves "
+                            f"the latent {len(model.cfg.unet.channel_mult) - 1} times)")
 
 
 def optimize(opt: argparse.Namespace, model, rt: Runtime) -> list[str]:

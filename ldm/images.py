@@ -43,6 +43,12 @@ def parameters_text(prompt: str, negative_prompt: str, steps: int, sampler: str,
     return f"{prompt}\nNegative prompt: {negative_prompt}\n" + ", ".join(f"{k}: {v}" for k, v in fields.items())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_png(img: Image.Image, path: str, parameters: str | None = None) -> None:
     """Write atomically (temporary file in the same folder, then rename): never a half-written PNG."""
     info = PngImagePlugin.PngInfo()
@@ -53,6 +59,7 @@ def save_png(img: Image.Image, path: str, parameters: str | None = None) -> None
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an image gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -28,7 +28,9 @@ INT8_HELP = "--int8 needs torchao: pip install torchao"
 
 # Layers whose input has one row per sample (timestep embeddings) or per context token (the text encoder, the
 # cross-attention K/V: 77 per sample): quantizing so few rows on the fly costs more than the int8 matmul saves.
-FEW_ROWS = ("time_embed", "emb_layers", "cond_stage_model")
+FEW_ROWS = ("time_embed", "emb_layers", "cond_stage_model",
+            "time_embedding", "time_emb_proj")  # the last two: the same layers in diffusers' UNet (benchmark peer)
+PEER_CROSS_KV = ("attn2.to_k", "attn2.to_v", "attn2.to_kv")  # diffusers' cross-attention K/V: 77 rows, as ours
 # Attention projections kept as raw parameters (nn.MultiheadAttention layout) that see every spatial token.
 ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight")
 
@@ -94,7 +96,7 @@ def swap_conv1x1_to_linear(model: nn.Module, min_features: int = 0) -> list[str]
 
 
 def _few_rows(name: str) -> bool:
-    return any(part in FEW_ROWS for part in name.split("."))
+    return any(part in FEW_ROWS for part in name.split(".")) or name.endswith(PEER_CROSS_KV)
 
 
 def int8_targets(model: nn.Module, min_features: int = 320, attention: bool = True) -> list[str]:

@@ -309,7 +309,7 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Posterior over latents of images x (B, C, H, W) in [-1, 1]."""
-        x = x.to(self.dtype)
+        x = x.to(self.quant_conv.weight.device, self.dtype)  # the weights' place (with offload: where it runs)
         if self.use_slicing and x.shape[0] > 1:
             return DiagonalGaussianDistribution(torch.cat([self._moments(xi) for xi in x.split(1)]))
         return DiagonalGaussianDistribution(self._moments(x))

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, ROOT)
 
-from ldm.cli import (UserError, add_model_args, add_speed_args, build_model, check_model_args, guarded,  # noqa: E402
+from ldm.cli import (UserError, add_model_args, add_speed_args, build_model, check_latent_size, check_model_args, guarded,  # noqa: E402
                      make_sampler, native_size, optimize, print_summary, read_prompts, setup,
                      write_time_file)
 
@@ -88,9 +88,11 @@ def run(opt: argparse.Namespace) -> dict:
     sampler, sampler_name = make_sampler("plms" if opt.plms else "dpm" if opt.dpm else "ddim", model, device)
     if opt.H is None or opt.W is None:
         size = native_size(model, opt.demo)
-        print(f"--H/--W not given: {opt.H or size}x{opt.W or size}, this model's native size", file=sys.stderr)
-        opt.H, opt.W = opt.H or size, opt.W or size
+        opt.H = opt.H or opt.W or size  # a side not given follows the other, else the model's native size
+        opt.W = opt.W or opt.H
+        print(f"--H/--W not given: {opt.H}x{opt.W} (this model's native size is {size})", file=sys.stderr)
         check_size(opt)
+    check_latent_size(model, opt.H, opt.W, opt.f)
     print("speed: " + ", ".join(optimize(opt, model, rt)), file=sys.stderr)
 
     sample_dir = os.path.join(opt.outdir, "samples")

@@ -335,3 +335,15 @@ def test_decode_never_syncs_with_the_host():
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert x.device.type == "cuda" and torch.isfinite(x).all()
+
+
+def test_encode_image_follows_offloaded_vae():
+    """With model offload the UNet (model.device) may sit on the CPU while the VAE runs on the device: the
+    image must go where the VAE's weights are (the meta device stands in for a GPU here)."""
+    from conftest import TINY, build
+    from ldm import pipelines
+    from ldm.offload import enable_model_offload
+    model = build(TINY)
+    handle = enable_model_offload(model, "meta")
+    z = pipelines.encode_image(model, torch.zeros(1, 3, 64, 64), torch.Generator().manual_seed(0))
+    assert z.device.type == "meta" and z.shape == (1, 4, 8, 8) and handle.active == "vae"

@@ -103,6 +103,8 @@ ERRORS = [
     (["--disable_math", "--disable_flash"], "no enabled SDPA kernel"),
     (["--config", os.path.join(ROOT, "configs", "stable-diffusion", "v2-inference.yaml")],
      "checkpoint does not match the config"),
+    (["--compile_vae", "--vae_tiling"], "--compile_vae with --vae_tiling"),
+    (["--compile_mode", "max-autotune"], "--compile_mode max-autotune needs --compile"),
 ]
 
 
@@ -117,6 +119,16 @@ def test_errors_are_one_line_and_leave_no_images(ckpts, tmp_path, extra, message
     assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
     assert message in lines[0], lines[0]
     assert "Traceback" not in p.stderr
+    assert pngs(out / "samples") == [] and pngs(out) == []
+
+
+def test_size_the_unet_cannot_take_is_one_line_after_loading(ckpts, tmp_path):
+    out = tmp_path / "out"
+    p = run("--config", NATIVE_CFG, "--ckpt", ckpts["native"], "--H", "40", "--W", "64", "--steps", "1",
+            "--n_iter", "1", "--n_samples", "1", "--outdir", str(out), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --H 40 must be a multiple of 16"), last  # tiny UNet: 8 * 2**1
     assert pngs(out / "samples") == [] and pngs(out) == []
 
 
