@@ -232,6 +232,51 @@ def make_sampler(name: str, model, device):
     return DDIMSampler(model, device=device), "DDIM"
 
 
+def sample_and_save(opt: argparse.Namespace, batches: list[list[str]], gen, noise: Callable[[int], Any],
+                    generate: Callable[[list[str], Any], Any], caption: Callable[..., str], dtype) -> dict:
+    """The scripts' common loop: an optional untimed warm-up (compilation happens there; ``gen`` is rewound
+    after it, so saved images do not depend on --skip_first), then n_iter timed passes over the prompt
+    batches, each image saved atomically as it comes, the grid and the time file; returns the summary.
+
+    ``noise(n)`` draws start noise, ``generate(prompts, noise)`` returns uint8 images (B, H, W, 3), and
+    ``caption(prompt, **fields)`` the PNG "parameters" text (the grid's without per-image fields).
+    """
+    import time
+    import torch
+    from ldm import images, runtime
+    device = gen.device
+    sample_dir = os.path.join(opt.outdir, "samples")
+    if opt.skip_first:
+        state = gen.get_state()
+        generate(batches[0], noise(len(batches[0])))
+        runtime.synchronize(device)
+        gen.set_state(state)
+    fixed = noise(opt.n_samples) if opt.fixed_code else None
+    all_images, timed, count = [], 0.0, 0
+    index = images.next_index(sample_dir)
+    for it in range(opt.n_iter):
+        for prompts in batches:
+            start = fixed[: len(prompts)] if fixed is not None else noise(len(prompts))
+            runtime.synchronize(device)
+            t0 = time.perf_counter()
+            out = generate(prompts, start)
+            runtime.synchronize(device)
+            timed += time.perf_counter() - t0
+            for i, (img, prompt) in enumerate(zip(out, prompts)):
+                text = caption(prompt, **{"Batch size": len(prompts), "Batch pos": i, "Iteration": it,
+                                          "Eta": opt.ddim_eta, "Dtype": str(dtype).split(".")[-1]})
+                images.save_png(images.to_pil(img), os.path.join(sample_dir, f"{index:05}.png"), text)
+                index += 1
+                count += 1
+            all_images.append(out)
+    grid = images.make_grid(torch.cat(all_images), opt.n_rows or opt.n_samples)
+    grid_index = images.next_index(opt.outdir, r"^grid-(\d+)\.png$")
+    grid_path = os.path.join(opt.outdir, f"grid-{grid_index:04}.png")
+    images.save_png(images.to_pil(grid), grid_path, caption(batches[0][0]))
+    write_time_file(opt.time_file, timed)
+    return {"seconds": timed, "images": count, "grid": grid_path}
+
+
 def print_summary(opt: argparse.Namespace, summary: dict) -> None:
     """The closing line: images, timed seconds and rate, where the files are."""
     s = summary["seconds"]

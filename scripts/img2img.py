@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, ROOT)
 
 from ldm.cli import (UserError, add_model_args, add_speed_args, build_model, check_model_args, guarded,  # noqa: E402
-                     make_sampler, optimize, print_summary, read_prompts, setup, write_time_file)
+                     make_sampler, optimize, print_summary, read_prompts, sample_and_save, setup)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,40 +108,12 @@ def run(opt: argparse.Namespace) -> dict:
                                         opt.ddim_eta, gen, noise=eps)
             return images.to_uint8(model.decode_first_stage(samples))
 
-        if opt.skip_first:  # warm-up (compilation happens here), untimed and not saved
-            state = gen.get_state()
-            generate(batches[0], noise(len(batches[0])))
-            runtime.synchronize(device)
-            gen.set_state(state)  # the saved images do not depend on --skip_first
-        fixed = noise(opt.n_samples) if opt.fixed_code else None
-        all_images, timed, count = [], 0.0, 0
-        index = images.next_index(sample_dir)
-        for it in range(opt.n_iter):
-            for prompts in batches:
-                eps = fixed[: len(prompts)] if fixed is not None else noise(len(prompts))
-                runtime.synchronize(device)
-                t0 = time.perf_counter()
-                out = generate(prompts, eps)
-                runtime.synchronize(device)
-                timed += time.perf_counter() - t0
-                for i, (img, prompt) in enumerate(zip(out, prompts)):
-                    text = images.parameters_text(prompt, opt.negative_prompt, opt.ddim_steps, sampler_name,
-                                                  opt.scale, opt.seed, width, height, model_name, **{
-                                                      "Denoising strength": opt.strength, "Batch size": len(prompts),
-                                                      "Batch pos": i, "Iteration": it, "Eta": opt.ddim_eta,
-                                                      "Dtype": str(dtype).split(".")[-1]})
-                    images.save_png(images.to_pil(img), os.path.join(sample_dir, f"{index:05}.png"), text)
-                    index += 1
-                    count += 1
-                all_images.append(out)
-    grid = images.make_grid(torch.cat(all_images), opt.n_rows or opt.n_samples)
-    grid_index = images.next_index(opt.outdir, r"^grid-(\d+)\.png$")
-    grid_path = os.path.join(opt.outdir, f"grid-{grid_index:04}.png")
-    images.save_png(images.to_pil(grid), grid_path, images.parameters_text(
-        batches[0][0], opt.negative_prompt, opt.ddim_steps, sampler_name, opt.scale, opt.seed, width, height,
-        model_name, **{"Denoising strength": opt.strength}))
-    write_time_file(opt.time_file, timed)
-    return {"seconds": timed, "images": count, "grid": grid_path}
+        def caption(prompt: str, **fields) -> str:
+            return images.parameters_text(prompt, opt.negative_prompt, opt.ddim_steps, sampler_name, opt.scale,
+                                          opt.seed, width, height, model_name,
+                                          **{"Denoising strength": opt.strength, **fields})
+
+        return sample_and_save(opt, batches, gen, noise, generate, caption, dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
