@@ -72,3 +72,16 @@ def load_on_meta(factory: Callable[[], nn.Module], state_dict: dict[str, torch.T
     assert not left, f"not loaded: {left[:5]}"
     return model.eval()
 
+
+
+def script_main(name: str) -> Callable:
+    """``main`` of scripts/<name>.py, imported in this process (for fast bad-input tests)."""
+    import importlib
+    import os
+    import sys
+    scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        return importlib.import_module(name).main
+    finally:
+        sys.path.remove(scripts)

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, TINY, build
+from helpers import script_main
 from test_samplers import ALPHA_BAR, T, GaussianData, ToyModel, diffusers_scheduler, flow_map, rel, toy_net
 from ldm import pipelines
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -258,12 +259,7 @@ def test_cli_end_to_end(tiny_ckpt, init_png, tmp_path):
 @pytest.fixture
 def in_process():
     """Call scripts/img2img.py's main() here (bad inputs fail before any model work); restore grad mode after."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    try:
-        import img2img
-    finally:
-        sys.path.remove(os.path.join(ROOT, "scripts"))
-    yield img2img.main
+    yield script_main("img2img")
     torch.set_grad_enabled(True)
 
 

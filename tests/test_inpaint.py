@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, TINY, build
-from helpers import rel_err
+from helpers import rel_err, script_main
 from ldm import pipelines
 from ldm.checkpoint import load_config, load_model
 from ldm.latent_diffusion import LatentDiffusion, LatentInpaintDiffusion, inpaint_config
@@ -248,12 +248,7 @@ def test_cli_end_to_end(files, tmp_path):
 @pytest.fixture
 def in_process():
     """Call scripts/inpaint.py's main() here (bad inputs fail before any sampling); restore grad mode after."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    try:
-        import inpaint
-    finally:
-        sys.path.remove(os.path.join(ROOT, "scripts"))
-    yield inpaint.main
+    yield script_main("inpaint")
     torch.set_grad_enabled(True)
 
 

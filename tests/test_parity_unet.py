@@ -21,21 +21,9 @@ MODES = ["plain", "small_input", "small_norm_inputs"]
 
 
 def diffusers_config(cfg: UNetConfig) -> dict:
-    """UNet2DConditionModel kwargs for the same architecture."""
-    channels = [cfg.model_channels * m for m in cfg.channel_mult]
-    attn = [2 ** level in cfg.attention_resolutions for level in range(len(channels))]
-    assert len(set(cfg.num_res_blocks)) == 1, "diffusers' converter takes one layers_per_block"
-    return dict(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=channels,
-        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=cfg.num_res_blocks[0],
-        # For UNet2DConditionModel ``attention_head_dim`` is the NUMBER of heads (diffusers' legacy
-        # naming; SD2's [5, 10, 20, 20]), so head width = channels / it = num_head_channels.
-        attention_head_dim=[cfg.heads_at(c)[0] for c in channels],
-        cross_attention_dim=cfg.context_dim, use_linear_projection=cfg.use_linear_in_transformer,
-        transformer_layers_per_block=cfg.transformer_depth, flip_sin_to_cos=True, freq_shift=0,
-        norm_num_groups=32, norm_eps=1e-5, act_fn="silu", upcast_attention=False)
+    """UNet2DConditionModel kwargs for the same architecture (the benchmark peer's mapping, one place)."""
+    from ldm.benchmark_peer import unet_config
+    return unet_config(cfg)
 
 
 def build_pair(cfg: UNetConfig, seed: int):
