@@ -41,25 +41,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TXT2IMG = os.path.join(ROOT, "scripts", "txt2img.py")
+from ldm.benchmark_runs import (ROOT, TXT2IMG, Config, child_env, code_version, compile_notes, peer_check,
+                                run_once, txt2img_child, unet_once)
+
 SD = "configs/stable-diffusion/"
 RANDOM_CONFIGS = {"tiny": "configs/tiny/v2-tiny.yaml", "tiny-v": "configs/tiny/v2-tiny-v.yaml",
                   "tiny-inpainting": "configs/tiny/v2-tiny-inpainting.yaml", "sd1-tiny": "configs/tiny/v1-tiny.yaml",
                   "sd2": SD + "v2-inference_native_mha.yaml", "sd2-v": SD + "v2-inference-v_native_mha.yaml",
                   "sd2-inpainting": SD + "v2-inpainting-inference_native_mha.yaml",
                   "sd1": SD + "v1-inference_native_mha.yaml"}
-MB = 1024 ** 2
-
-
-@dataclass(frozen=True)
-class Config:
-    key: str
-    label: str
-    flags: tuple[str, ...] = ()
-    peer: bool = False
 
 
 CONFIGS = {c.key: c for c in [
@@ -181,35 +172,6 @@ def cache_dir(opt: argparse.Namespace) -> str:
     return base
 
 
-def child_env(opt: argparse.Namespace) -> dict[str, str]:
-    """The environment of every run: this checkout importable, unbuffered output, the --threads choice."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if opt.threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opt.threads)
-    return env
-
-
-def run_child(cmd: list[str], log: str, opt: argparse.Namespace, env: dict | None = None) -> tuple[int, float]:
-    """(exit code, wall seconds) of ``cmd`` in a fresh process, its output into ``log``."""
-    t0 = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as f:
-        try:
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env or child_env(opt), cwd=ROOT,
-                                  timeout=opt.run_timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = 124
-    return code, time.perf_counter() - t0
-
-
-def tail(log: str) -> str:
-    """The last non-empty line of a run's output (progress bars' carriage returns count as line ends)."""
-    with open(log, encoding="utf-8", errors="replace") as f:
-        lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
-    return lines[-1][:200] if lines else "no output"
-
-
 def resolve_config(ckpt: str, config: str | None) -> str:
     """``config``, or the repo yaml that fits the checkpoint's keys and shapes (the guess is printed on stderr)."""
     from ldm.checkpoint import CheckpointError, read_checkpoint
@@ -246,110 +208,6 @@ def prepare_model(opt: argparse.Namespace) -> tuple[str, str, str]:
                "--config", config, "--layout", "native_mha", "--quiet"]
         subprocess.run(cmd, check=True, env=child_env(opt), cwd=ROOT)
     return config, ckpt, f"random-{opt.random}"
-
-
-def code_version() -> str:
-    """The commit of this checkout, with "+changes" when tracked files differ from it ("unknown" outside git)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=30)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT, capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("+changes" if dirty.returncode != 0 else "")
-
-
-def txt2img_child(argv: list[str]) -> int:
-    """``python -m ldm.benchmark _txt2img STATS SCRIPT -- ARGS``: run txt2img's main, then record its peak memory."""
-    import importlib.util as iu
-    import torch
-    from ldm.benchmark_measure import environment, peak_memory, write_json
-    stats, script, args = argv[0], argv[1], argv[3:]
-    spec = iu.spec_from_file_location("txt2img", script)
-    module = iu.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    code = module.main(args)
-    device = torch.device("cuda" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu")
-    peak, kind = peak_memory(device)
-    write_json(stats, {"exit": code, "peak_bytes": peak, "peak_kind": kind, **environment(device)})
-    return code
-
-
-def run_commands(cfg: Config, opt: argparse.Namespace, config: str, ckpt: str, weights: str | None, batch: int,
-                 scratch: str, dtype: str) -> tuple[list[str], str, str]:
-    """(command, time file, stats file) of one run."""
-    time_file, stats = os.path.join(scratch, "time.txt"), os.path.join(scratch, "stats.json")
-    common = ["--prompt", opt.prompt, "--seed", str(opt.seed), "--n_iter", str(opt.n_iter), "--n_samples",
-              str(batch), "--steps", str(opt.steps), "--H", str(opt.H), "--W", str(opt.W), "--skip_first",
-              "--time_file", time_file, "--dtype", dtype] + (["--device", opt.device] if opt.device else [])
-    if cfg.peer:
-        cmd = [sys.executable, "-m", "ldm.benchmark_peer", "run", "--weights", weights, "--stats", stats,
-               *common, *cfg.flags]
-    else:
-        cmd = [sys.executable, "-m", "ldm.benchmark", "_txt2img", stats, TXT2IMG, "--", "--plms", "--config",
-               config, "--ckpt", ckpt, "--outdir", os.path.join(scratch, "out"), "--precision", "full",
-               *common, *cfg.flags]
-    return cmd, time_file, stats
-
-
-def run_once(cfg: Config, opt: argparse.Namespace, config: str, ckpt: str, weights: str | None, batch: int,
-             rep: int, order: int, dtype: str, scratch_root: str, logs: str) -> dict:
-    """One fresh-process txt2img (or peer) run -> a CSV row."""
-    import json
-    scratch = tempfile.mkdtemp(dir=scratch_root)
-    cmd, time_file, stats = run_commands(cfg, opt, config, ckpt, weights, batch, scratch, dtype)
-    env = child_env(opt)
-    if opt.fresh_inductor_cache:
-        env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(scratch, "inductor")
-    log = os.path.join(logs, f"b{batch}-r{rep}-{cfg.key}.log")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # how busy the machine was: noise
-    code, wall = run_child(cmd, log, opt, env)
-    row = {"batch": batch, "repeat": rep, "order": order, "config": cfg.key, "label": cfg.label,
-           "flags": " ".join(cfg.flags), "process_s": round(wall, 3), "images": opt.n_iter * batch,
-           "loadavg_1min": load}
-    if code != 0 or not os.path.isfile(time_file):
-        row["status"] = f"failed (exit {code}): {tail(log)}"
-        return row
-    with open(time_file, encoding="utf-8") as f:
-        seconds = float(f.read())
-    with open(stats, encoding="utf-8") as f:
-        st = json.load(f)
-    row.update(status="ok", seconds=seconds, images_per_s=row["images"] / seconds,
-               peak_mem_mb=round(st["peak_bytes"] / MB, 1), peak_kind=st["peak_kind"],
-               **{k: st[k] for k in ("device", "device_name", "torch", "python")})
-    return row
-
-
-def unet_once(cfg: Config, opt: argparse.Namespace, config: str, ckpt: str, weights: str | None, batch: int,
-              dtype: str, fit: str, scratch_root: str, logs: str) -> dict:
-    """The UNet microbenchmark of one configuration in a fresh process -> a CSV row."""
-    import json
-    stats = os.path.join(tempfile.mkdtemp(dir=scratch_root), "unet.json")
-    src = ["--peer", "--weights", weights] if cfg.peer else ["--config", config, "--ckpt", ckpt]
-    cmd = [sys.executable, "-m", "ldm.benchmark_unet", *src, "--H", str(opt.H), "--W", str(opt.W),
-           "--batch", str(2 * batch), "--iters", str(opt.unet_iters), "--stats", stats, "--dtype", dtype,
-           "--fit", fit, "--fit_step", str(opt.fit_step), *(["--device", opt.device] if opt.device else []),
-           *(["--budget_gb", str(opt.memory_budget_gb)] if opt.memory_budget_gb else []),
-           "--precision", "full", *cfg.flags]
-    log = os.path.join(logs, f"unet-b{batch}-{cfg.key}.log")
-    code, _ = run_child(cmd, log, opt)
-    row = {"config": cfg.key, "label": cfg.label, "flags": " ".join(cfg.flags), "unet_batch": 2 * batch,
-           "H": opt.H, "W": opt.W}
-    if code != 0:
-        return {**row, "status": f"failed (exit {code}): {tail(log)}"}
-    with open(stats, encoding="utf-8") as f:
-        st = json.load(f)
-    row.update(status="ok", ms_mean=1000 * st["s_mean"], ms_median=1000 * st["s_median"], ms_min=1000 * st["s_min"],
-               ms_max=1000 * st["s_max"], iters=st["iters"], first_call_s=st["first_call_s"],
-               peak_mem_mb=st["peak_bytes"] / MB, loaded_mb=st["loaded_bytes"] / MB,
-               activations_mb=(st["peak_bytes"] - st["before_bytes"]) / MB, first_peak_mb=st["first_peak_bytes"] / MB,
-               est_activations_mb=st["est_activation_bytes"] / MB, est_mb=st["est_bytes"] / MB,
-               peak_kind=st["peak_kind"], fit_res=st.get("fit_res"), fit_method=st.get("fit_method", ""),
-               budget_gb=st["budget_bytes"] / 1024 ** 3 if "budget_bytes" in st else None,
-               **{k: st[k] for k in ("device", "device_name", "torch")})
-    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,45 +308,6 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:  # an inpainting model: only the UNet microbenchmark ran
         return 1 if unet_rows and all(u["status"] != "ok" for u in unet_rows) else 0
     return 1 if failed and len(failed) == len(rows) else 0
-
-
-def compile_notes(rows: list[dict], configs: list[Config]) -> list[str]:
-    """For each compiled configuration: what its untimed part (load + warm-up with compilation) costs per run,
-    beside its eager counterpart, run by run (later runs can reuse inductor's on-disk caches)."""
-    notes = []
-    for cfg in configs:
-        eager = {"E": "D", "PC": "P"}.get(cfg.key)
-        if "--compile" not in cfg.flags:
-            continue
-        for batch in sorted({r["batch"] for r in rows}):
-            own = [r for r in rows if r["config"] == cfg.key and r["batch"] == batch and r["status"] == "ok"]
-            base = [r for r in rows if r["config"] == eager and r["batch"] == batch and r["status"] == "ok"]
-            if not own:
-                continue
-            untimed = [r["process_s"] - r["seconds"] for r in own]
-            text = (f"{cfg.key} (batch {batch}): untimed part of each process (load, warm-up iteration with "
-                    f"compilation) {', '.join(f'{u:.1f}' for u in untimed)} s run by run")
-            if base:
-                extra = sum(untimed) / len(untimed) - sum(r["process_s"] - r["seconds"] for r in base) / len(base)
-                text += f", {extra:.1f} s more than {eager}'s on average: the compile cost of a fresh process"
-            notes.append(text + "; its timed part is " + ", ".join(f"{r['seconds']:.2f}" for r in own) + " s.")
-    return notes
-
-
-def peer_check(opt: argparse.Namespace, config: str, ckpt: str, weights: str, scratch_root: str) -> str:
-    """Run the peer check in a fresh process; a one-line note with its errors."""
-    import json
-    out, log = os.path.join(scratch_root, "check.json"), os.path.join(scratch_root, "check.log")
-    cmd = [sys.executable, "-m", "ldm.benchmark_peer", "check", "--config", config, "--ckpt", ckpt, "--weights",
-           weights, "--steps", str(opt.check_steps), "--size", str(opt.check_size), "--json", out]
-    code, _ = run_child(cmd, log, opt)
-    if code != 0:
-        return f"peer check failed (exit {code}): {tail(log)}"
-    with open(out, encoding="utf-8") as f:
-        err = json.load(f)
-    print(f"peer check: {err}", file=sys.stderr)
-    return (f"peer check (fp32 CPU, {opt.check_size}x{opt.check_size}, {opt.check_steps} PLMS steps, same x_T): "
-            "max|ours - diffusers| / max|diffusers| = " + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
 
 
 if __name__ == "__main__":

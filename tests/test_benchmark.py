@@ -249,6 +249,19 @@ def test_ladder_configs_interleave_ours_and_peer():
     assert [c.key for c in benchmark.select_configs(opt)[0]] == [f"S{k}" for k in range(8)]
 
 
+
+def test_compile_notes_compare_each_compiled_row_with_its_eager_counterpart():
+    from ldm.benchmark_runs import compile_notes, eager_counterpart
+    ladder, _ = benchmark.select_configs(benchmark.parse_args(["--random", "tiny", "--ladder", "--no_peer"]))
+    assert {c.key: eager_counterpart(c, ladder) for c in ladder[5:]} == {"S5": "S4", "S6": "S4", "S7": "S4"}
+    blog, _ = benchmark.select_configs(benchmark.parse_args(["--random", "tiny", "--configs", "D,E,P,PC"]))
+    assert [eager_counterpart(c, blog) for c in blog[1::2]] == ["D", "P"]
+    rows = [{"config": k, "batch": 1, "status": "ok", "process_s": p, "seconds": s}
+            for k, p, s in (("S4", 30.0, 10.0), ("S5", 100.0, 8.0), ("S6", 150.0, 6.0))]
+    notes = compile_notes(rows, ladder)
+    assert len(notes) == 2 and "untimed part of each process (load, warm-up iteration with compilation) 92.0 s" \
+        in notes[0] and "72.0 s more than S4's" in notes[0] and "124.0 s more than S4's" in notes[1]
+
 # ---- SD 1.x, SD 2.x 768-v and the inpainting UNet ----
 
 def random_model(cache, name: str) -> tuple[str, str]:
