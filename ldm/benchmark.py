@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--ladder_dtype", choices=["bf16", "fp16"], default="bf16",
                    help="the reduced precision of the ladder's step 1")
     r.add_argument("--no_peer", action="store_true", help="the ladder without diffusers' H configurations")
-    r.add_argument("--repeats", "-N", type=int, default=10, help="times the sequence A B C ... is repeated")
+    r.add_argument("--repeats", "-N", type=int, default=10, help="times the sequence A B C ... is repeated (0: the UNet microbenchmark only)")
     r.add_argument("--batch", default="1", help="batch sizes (n_samples), comma list of 1, 2, 4, ...")
     r.add_argument("--steps", type=int, default=50)
     r.add_argument("--n_iter", type=int, default=2)
@@ -105,6 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     u.add_argument("--fit", choices=["auto", "estimate", "measure", "none"], default="auto",
                    help="largest resolution within budget: measured on CUDA, estimated from tensor sizes elsewhere")
     u.add_argument("--fit_step", type=int, default=128, help="resolutions 256..2048 in this step")
+    u.add_argument("--unet_profile", type=int, default=0, metavar="K",
+                   help="profile one more UNet call per configuration and report its K costliest ops")
     c = p.add_argument_group("checks and output")
     c.add_argument("--check", action="store_true", help="first compare the peer's latents/images with ours")
     c.add_argument("--check_steps", type=int, default=4)
@@ -143,7 +145,8 @@ def config_dtype(cfg: Config, default: str) -> str:
 def select_configs(opt: argparse.Namespace) -> tuple[list[Config], list[str]]:
     """The configurations to run, in order, and notes on the ones skipped."""
     if opt.ladder:
-        return ladder_configs(opt), ["ladder: the UNet microbenchmark is skipped (--unet_iters 0)"]
+        return ladder_configs(opt), ["ladder: the UNet microbenchmark runs each step's flags, without the memory "
+                                     "search (--unet_iters 0 skips it)"]
     chosen, notes = [], []
     for key in [k.strip() for k in opt.configs.split(",") if k.strip()]:
         if key not in CONFIGS:
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in opt.batch.split(",")]
     configs, notes = select_configs(opt)
     if opt.ladder:
-        opt.unet_iters = 0
+        opt.fit = "none"
     config, ckpt, model_name = prepare_model(opt)
     run_configs = configs
     if is_inpainting(config):
@@ -299,9 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     report.write_csv(base + "-unet.csv", unet_rows, report.UNET_FIELDS)
     text = report.markdown(summary, unet_rows, header, notes)
     if opt.ladder:
-        from ldm.benchmark_ladder import steps, table
+        from ldm.benchmark_ladder import steps, table, unet_table
         ladder = steps(opt.ladder_dtype)[: opt.ladder_steps]
-        text += "\n\n" + "\n\n".join("\n".join(table(summary, ladder, b)) for b in batches)
+        tables = [table(summary, ladder, b) for b in batches] + [unet_table(unet_rows, ladder, 2 * b) for b in batches]
+        text += "\n\n" + "\n\n".join("\n".join(t) for t in tables if t)
     with open(base + ".md", "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print(text)

@@ -68,6 +68,8 @@ def cumulative(ladder: list[Step]) -> list[tuple[tuple[str, ...], tuple[str, ...
 def table(summary: list[dict], ladder: list[Step], batch: int) -> list[str]:
     """Markdown rows: each step's mean seconds and speed-up over step 0, ours and the peer's, and ours/peer."""
     means = {r["config"]: r["mean_s"] for r in summary if r["batch"] == batch and r.get("mean_s")}
+    if not means:
+        return []
     fmt = lambda v: "–" if v is None else f"{v:.4g}"
     x = lambda a, b: "–" if a is None or b is None else f"{b / a:.2f}x"
     lines = [f"### Technique ladder, batch size {batch}: each row adds one technique to the row above", "",
@@ -76,5 +78,22 @@ def table(summary: list[dict], ladder: list[Step], batch: int) -> list[str]:
     s0, h0 = means.get("S0"), means.get("H0")
     for k, step in enumerate(ladder):
         s, h = means.get(f"S{k}"), means.get(f"H{k}")
+        lines.append(f"| {k} | {step.name} | {fmt(s)} | {x(s, s0)} | {fmt(h)} | {x(h, h0)} | {x(s, h)} |")
+    return lines
+
+
+def unet_table(unet_rows: list[dict], ladder: list[Step], unet_batch: int) -> list[str]:
+    """Markdown rows of the UNet microbenchmark along the ladder: ms per guided step, ours and the peer's."""
+    ms = {u["config"]: u["ms_mean"] for u in unet_rows if u.get("unet_batch") == unet_batch and u.get("ms_mean")}
+    if not ms:
+        return []
+    fmt = lambda v: "–" if v is None else f"{v:.4g}"
+    x = lambda a, b: "–" if a is None or b is None else f"{b / a:.2f}x"
+    lines = [f"### Technique ladder, the UNet alone (UNet batch {unet_batch}): ms per guided step", "",
+             "| step | technique | ours ms | ours speed-up | diffusers ms | diffusers speed-up | diffusers/ours |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    s0, h0 = ms.get("S0"), ms.get("H0")
+    for k, step in enumerate(ladder):
+        s, h = ms.get(f"S{k}"), ms.get(f"H{k}")
         lines.append(f"| {k} | {step.name} | {fmt(s)} | {x(s, s0)} | {fmt(h)} | {x(h, h0)} | {x(s, h)} |")
     return lines

@@ -93,9 +93,21 @@ def markdown(summary: list[dict], unet: list[dict], header: list[str], notes: li
                          f"| {_fmt(u['peak_mem_mb'], '.0f')} | {_fmt(max(u['activations_mb'], 0.0), '.0f')} "
                          f"| {_fmt(u['est_activations_mb'], '.0f')} | {fit} |")
         lines.append("")
+        lines += profile_lines(unet)
     if notes:
         lines += ["Notes:", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines)
+
+
+def profile_lines(unet: list[dict]) -> list[str]:
+    """Per profiled configuration: its costliest ops in one UNet call (self time, share of the call, calls)."""
+    lines = []
+    for u in (u for u in unet if u.get("profile")):
+        lines += [f"#### Where the time goes: {u['config']} ({u['label']}), one UNet call, torch.profiler", "",
+                  "| op | self ms | share | calls |", "|---|---:|---:|---:|"]
+        lines += [f"| `{p['op']}` | {p['self_ms']:.1f} | {100 * p['share']:.1f}% | {p['calls']} |" for p in u["profile"]]
+        lines.append("")
+    return lines
 
 
 def ratio_lines(summary: list[dict]) -> list[str]:

@@ -141,7 +141,7 @@ def unet_once(cfg: Config, opt: argparse.Namespace, config: str, ckpt: str, weig
            "--batch", str(2 * batch), "--iters", str(opt.unet_iters), "--stats", stats, "--dtype", dtype,
            "--fit", fit, "--fit_step", str(opt.fit_step), *(["--device", opt.device] if opt.device else []),
            *(["--budget_gb", str(opt.memory_budget_gb)] if opt.memory_budget_gb else []),
-           "--precision", "full", *cfg.flags]
+           *(["--profile", str(opt.unet_profile)] if opt.unet_profile else []), "--precision", "full", *cfg.flags]
     log = os.path.join(logs, f"unet-b{batch}-{cfg.key}.log")
     code, _ = run_child(cmd, log, opt)
     row = {"config": cfg.key, "label": cfg.label, "flags": " ".join(cfg.flags), "unet_batch": 2 * batch,
@@ -156,7 +156,7 @@ def unet_once(cfg: Config, opt: argparse.Namespace, config: str, ckpt: str, weig
                activations_mb=(st["peak_bytes"] - st["before_bytes"]) / MB, first_peak_mb=st["first_peak_bytes"] / MB,
                est_activations_mb=st["est_activation_bytes"] / MB, est_mb=st["est_bytes"] / MB,
                peak_kind=st["peak_kind"], fit_res=st.get("fit_res"), fit_method=st.get("fit_method", ""),
-               budget_gb=st["budget_bytes"] / 1024 ** 3 if "budget_bytes" in st else None,
+               budget_gb=st["budget_bytes"] / 1024 ** 3 if "budget_bytes" in st else None, profile=st.get("profile"),
                **{k: st[k] for k in ("device", "device_name", "torch")})
     return row
 

@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--precision", choices=["full", "autocast"], default=None)
+    p.add_argument("--unfused_projections", action="store_true", help="ours: separate Q/K/V matmuls")
+    p.add_argument("--fuse_projections", action="store_true", help="the peer: fuse_qkv_projections()")
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--int8", action="store_true", help="torchao dynamic int8 of the large linear layers")
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="profile one more call (torch.profiler) and record its K costliest ops by self time")
     return p.parse_known_args(argv)
 
 
@@ -108,6 +114,43 @@ def load_unet(opt: argparse.Namespace, device: torch.device, dtype: torch.dtype)
         unet = build()
     unet.load_state_dict(sd, strict=True, assign=True)
     return unet.to(device=device, dtype=dtype)
+
+
+def apply_flags(unet: torch.nn.Module, opt: argparse.Namespace) -> torch.nn.Module:
+    """The layout and quantization flags on a loaded UNet, ours or the peer's (as txt2img and the peer apply them)."""
+    from ldm.optimize import quantize_int8, set_fused_projections, to_channels_last
+    if opt.peer:
+        if opt.attention == "math":  # diffusers' classic three-op attention, as ldm.benchmark_peer does
+            from diffusers.models.attention_processor import AttnProcessor
+            unet.set_attn_processor(AttnProcessor())
+        if opt.fuse_projections:
+            unet.fuse_qkv_projections()
+        if opt.channels_last:
+            unet.to(memory_format=torch.channels_last)
+    else:
+        set_fused_projections(unet, not opt.unfused_projections)
+        if opt.channels_last:
+            to_channels_last(unet)
+    if opt.int8:
+        quantize_int8(unet)
+    return unet
+
+
+def profile_call(step, device: torch.device, top: int) -> list[dict]:
+    """The ``top`` ops of one ``step()`` by self time (device time on CUDA, CPU time elsewhere)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(self_us(e) for e in events) or 1
+    events.sort(key=self_us, reverse=True)
+    return [{"op": e.key, "calls": e.count, "self_ms": self_us(e) / 1000, "share": self_us(e) / total}
+            for e in events[:top]]
 
 
 def inputs(batch: int, h: int, w: int, dims: tuple[int, int], device, dtype) -> tuple[torch.Tensor, ...]:
@@ -182,7 +225,7 @@ def run(opt: argparse.Namespace) -> dict:
     precision = opt.precision or ("autocast" if device.type == "cuda" else "full")
     scopes = lambda: _scopes(runtime, backends, precision, device, dtype)
 
-    unet = load_unet(opt, device, dtype)
+    unet = apply_flags(load_unet(opt, device, dtype), opt)
     loaded = memory_now(device)
     eager = unet
     if opt.compile:
@@ -199,6 +242,7 @@ def run(opt: argparse.Namespace) -> dict:
         before = memory_now(device)
         times = time_calls(step, opt.iters, device)
         peak, kind = peak_memory(device)  # steady state: weights and one step's activations
+        profiled = profile_call(step, device, opt.profile) if opt.profile > 0 else None
     build, call, dims = unet_factory(opt)
     with scopes():
         est = estimate_peak_bytes(lambda: built_in(build, dtype),
@@ -207,6 +251,8 @@ def run(opt: argparse.Namespace) -> dict:
               "s_max": max(times), "iters": len(times), "first_call_s": first, "peak_bytes": peak, "peak_kind": kind,
               "loaded_bytes": loaded, "before_bytes": before, "first_peak_bytes": first_peak,
               "est_bytes": est["total"], "est_activation_bytes": est["activations"], **environment(device)}
+    if profiled is not None:
+        result["profile"] = profiled
     method = opt.fit if opt.fit != "auto" else ("measure" if device.type == "cuda" else "estimate")
     if method == "measure" and device.type != "cuda":
         raise ValueError("--fit measure needs CUDA (a CPU's peak RSS cannot be reset between probes); use estimate")
@@ -241,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"UNet x{opt.batch} at {opt.H}x{opt.W}: {1000 * result['s_mean']:.1f} ms/step "
           f"(first call {result['first_call_s']:.2f}s), peak {result['peak_bytes'] / 2 ** 20:.0f} MiB"
           + (f", fits {result.get('fit_res')} px" if "fit_res" in result else ""))
+    for row in result.get("profile", []):
+        print(f"  {row['self_ms']:10.2f} ms {100 * row['share']:5.1f}% x{row['calls']:<5} {row['op']}")
     return 0
 
 
