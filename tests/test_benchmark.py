@@ -351,6 +351,70 @@ def test_unet_microbenchmark_inpainting_tiny(cache, tmp_path):
         assert st["iters"] == 2 and st["s_mean"] > 0 and st["est_bytes"] > 0
 
 
+
+def test_unet_microbenchmark_ladder_flags_keep_the_output(cache):
+    """The ladder's UNet flags, ours and the peer's, applied by benchmark_unet.apply_flags: each takes effect and
+    leaves eps within 1e-5 of the plain fp32 UNet (re-randomised weights); the profiler names real ops."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import AttnProcessor
+    from ldm import benchmark_unet
+    from ldm.attention import CrossAttention
+    from ldm.benchmark_peer import cached_export
+    config, ckpt = random_model(cache, "tiny")
+    weights = cached_export(config, ckpt, str(cache))
+    src = {"ours": ["--config", config, "--ckpt", ckpt], "peer": ["--peer", "--weights", weights]}
+    flag_sets = {"ours": [["--attention", "math", "--unfused_projections"], ["--unfused_projections"], [],
+                          ["--channels_last"]],
+                 "peer": [["--attention", "math"], [], ["--fuse_projections"], ["--fuse_projections", "--channels_last"]]}
+    x, t, c = benchmark_unet.inputs(2, 8, 8, (4, 64), "cpu", torch.float32)
+    ref = None
+    for side in ("ours", "peer"):
+        for flags in flag_sets[side]:
+            opt, _ = benchmark_unet.parse_args([*src[side], "--stats", "x", *flags])
+            unet = benchmark_unet.apply_flags(benchmark_unet.load_unet(opt, torch.device("cpu"), torch.float32), opt)
+            convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+            assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs) == \
+                ("--channels_last" in flags)
+            if side == "ours":
+                attn = [m for m in unet.modules() if isinstance(m, CrossAttention)]
+                assert attn and all(m.fused == ("--unfused_projections" not in flags) for m in attn)
+            else:
+                procs = list(unet.attn_processors.values())
+                assert all(isinstance(p, AttnProcessor) for p in procs) == ("--attention" in flags)
+                fused = [m.fused_projections for m in unet.modules() if hasattr(m, "fused_projections")]
+                assert fused and all(f == ("--fuse_projections" in flags) for f in fused)
+            with torch.no_grad():
+                eps = benchmark_unet.unet_factory(opt)[1](unet, x, t, c).float()
+            ref = eps if ref is None else ref
+            assert (eps - ref).abs().max() / ref.abs().max() < 1e-5, (side, flags)
+    step = lambda: benchmark_unet.unet_factory(opt)[1](unet, x, t, c)
+    with torch.no_grad():
+        top = benchmark_unet.profile_call(step, torch.device("cpu"), 5)
+    assert len(top) == 5 and all(a["self_ms"] >= b["self_ms"] for a, b in zip(top, top[1:]))
+    assert 0 < sum(p["share"] for p in top) <= 1 + 1e-9 and all(p["calls"] >= 1 for p in top)
+    assert any("conv" in p["op"] for p in top) and all(p["op"].startswith("aten::") for p in top)
+
+
+def test_harness_ladder_unet_only(tmp_path, cache):
+    """--ladder --repeats 0: no end-to-end runs, the UNet microbenchmark of each step, ours and the peer's, its
+    ladder table (speed-ups = ratios of the CSV's means) and the profiler tables."""
+    pytest.importorskip("diffusers")
+    out = tmp_path / "out"
+    assert benchmark.main(["--random", "tiny", "--cache_dir", str(cache), "--device", "cpu", "--H", "64", "--W", "64",
+                           "--repeats", "0", "--ladder", "--ladder_steps", "2", "--unet_iters", "1",
+                           "--unet_profile", "3", "--threads", "1", "--outdir", str(out), "--name", "t"]) == 0
+    _, runs = read_csv(str(out / "t-runs.csv"))
+    _, unet = read_csv(str(out / "t-unet.csv"))
+    assert runs == [] and [u["config"] for u in unet] == ["S0", "H0", "S1", "H1"]
+    assert {u["status"] for u in unet} == {"ok"} and all(u["fit_method"] == "" for u in unet)  # no memory search
+    ms = {u["config"]: float(u["ms_mean"]) for u in unet}
+    text = (out / "t.md").read_text()
+    assert "### Technique ladder, batch size" not in text  # no end-to-end table without runs
+    row = next(line for line in text.splitlines() if line.startswith("| 1 | + bf16"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == f"{ms['S0'] / ms['S1']:.2f}x" and cells[6] == f"{ms['H1'] / ms['S1']:.2f}x"
+    assert text.count("#### Where the time goes:") == 4 and "`aten::" in text
+
 def test_ckpt_without_config_is_guessed(cache, capsys):
     """--ckpt alone: the config comes from ldm.detect.guess_config, and the guess is printed."""
     import os
