@@ -115,6 +115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     c.add_argument("--name", default="benchmark", help="prefix of the output files")
     c.add_argument("--keep_logs", action="store_true", help="keep every run's output under OUTDIR/NAME-logs")
     opt = p.parse_args(argv)
+    if opt.repeats < 0 or (opt.repeats == 0 and opt.unet_iters <= 0):
+        p.error("--repeats 0 runs the UNet microbenchmark only: give --unet_iters 1 or more (and --repeats >= 0)")
     if opt.random and (opt.ckpt or opt.config):
         p.error("--random makes its own checkpoint: drop --ckpt/--config")
     if not opt.random and not opt.ckpt:
@@ -279,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                         if u["status"] == "ok" else u["status"]), file=sys.stderr, flush=True)
     summary = report.summarize(rows)
     env = next((r for r in rows + unet_rows if r["status"] == "ok"), {})
-    header = [f"## {model_name}, {opt.H}x{opt.W}, {opt.steps} PLMS steps, n_iter {opt.n_iter} (+1 warm-up), "
-              f"N={opt.repeats}, {'dtype per ladder step' if opt.ladder else dtype}", "",
+    runs = (f"{opt.steps} PLMS steps, n_iter {opt.n_iter} (+1 warm-up), N={opt.repeats}" if opt.repeats > 0
+            else f"the UNet alone, {opt.unet_iters} timed calls per configuration")
+    header = [f"## {model_name}, {opt.H}x{opt.W}, {runs}, {'dtype per ladder step' if opt.ladder else dtype}", "",
               f"Device: {env.get('device_name', device.type)}; torch {env.get('torch', '?')}; code {code}; "
               f"started {started}, took {(time.perf_counter() - t_start) / 60:.1f} min.", "",
               "Command: `ldm-benchmark " + " ".join(shlex.quote(a) for a in argv) + "`"]

@@ -70,7 +70,7 @@ def table(summary: list[dict], ladder: list[Step], batch: int) -> list[str]:
     means = {r["config"]: r["mean_s"] for r in summary if r["batch"] == batch and r.get("mean_s")}
     if not means:
         return []
-    fmt = lambda v: "–" if v is None else f"{v:.4g}"
+    fmt = lambda v: "–" if v is None else (f"{v:.0f}" if v >= 1e4 else f"{v:.4g}")
     x = lambda a, b: "–" if a is None or b is None else f"{b / a:.2f}x"
     lines = [f"### Technique ladder, batch size {batch}: each row adds one technique to the row above", "",
              "| step | technique | ours s | ours speed-up | diffusers s | diffusers speed-up | diffusers/ours |",
@@ -87,7 +87,7 @@ def unet_table(unet_rows: list[dict], ladder: list[Step], unet_batch: int) -> li
     ms = {u["config"]: u["ms_mean"] for u in unet_rows if u.get("unet_batch") == unet_batch and u.get("ms_mean")}
     if not ms:
         return []
-    fmt = lambda v: "–" if v is None else f"{v:.4g}"
+    fmt = lambda v: "–" if v is None else (f"{v:.0f}" if v >= 1e4 else f"{v:.4g}")
     x = lambda a, b: "–" if a is None or b is None else f"{b / a:.2f}x"
     lines = [f"### Technique ladder, the UNet alone (UNet batch {unet_batch}): ms per guided step", "",
              "| step | technique | ours ms | ours speed-up | diffusers ms | diffusers speed-up | diffusers/ours |",

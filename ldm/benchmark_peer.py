@@ -277,9 +277,10 @@ def build_pipeline(weights: str, device: torch.device, dtype: torch.dtype):
 
 
 def compile_peer_unet(pipe, mode: str, device: torch.device) -> None:
-    """torch.compile diffusers' UNet with the inductor settings ``ldm.runtime.compile_unet`` gives ours."""
-    from ldm.runtime import effective_mode, inductor_settings
-    pipe.unet = torch.compile(pipe.unet, fullgraph=True, options=inductor_settings(effective_mode(mode, device), device))
+    """torch.compile diffusers' UNet as ``ldm.runtime.compile_unet`` compiles ours: the same inductor settings
+    and, with CUDA graphs, outputs cloned (PNDM keeps its earlier model outputs, as PLMS does)."""
+    from ldm.runtime import compile_module
+    pipe.unet = compile_module(pipe.unet, mode, device)
 
 
 def optimize_peer(pipe, opt: argparse.Namespace, device: torch.device) -> None:

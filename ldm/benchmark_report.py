@@ -51,7 +51,10 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def _fmt(v, spec: str = ".4g", none: str = "–") -> str:
-    return none if v is None or v == "" else format(v, spec)
+    """``v`` in ``spec``; 4 significant digits stay out of exponent notation for values from 1e4 on."""
+    if v is None or v == "":
+        return none
+    return format(v, ".0f") if spec == ".4g" and abs(v) >= 1e4 else format(v, spec)
 
 
 def _x(v) -> str:

@@ -98,6 +98,15 @@ def inductor_settings(mode: str, device: torch.device) -> dict[str, Any]:
     return settings
 
 
+def _clone_tensors(out: Any) -> Any:
+    """``out`` with every tensor cloned: a tensor, or a tuple/list of them (diffusers' ``return_dict=False``)."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_clone_tensors(o) for o in out)
+    raise TypeError(f"CloneOutput cannot clone a {type(out).__name__} output; return a tensor or a tuple")
+
+
 class CloneOutput(nn.Module):
     """Calls a CUDA-graph compiled module and returns a clone of its output.
 
@@ -111,9 +120,9 @@ class CloneOutput(nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         torch.compiler.cudagraph_mark_step_begin()  # the previous call's buffers may be reused now
-        return self.module(*args, **kwargs).clone()
+        return _clone_tensors(self.module(*args, **kwargs))
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -160,6 +160,44 @@ def test_peer_matches_ours(cache):
     assert errors["text"] < 1e-5 and errors["latents"] < 1e-4 and errors["images"] < 1e-4, errors
 
 
+
+def test_peer_pipeline_with_cloned_unet_outputs(cache):
+    """With CUDA graphs the peer's UNet is wrapped like ours (runtime.CloneOutput): diffusers' pipeline accepts the
+    wrapper, and unguided PNDM, which keeps the UNet's raw outputs, goes wrong over a buffer-reusing UNet
+    (a CUDA-graph replay's semantics, imitated on the CPU) unless they are cloned."""
+    pytest.importorskip("diffusers")
+    from torch import nn
+    from ldm.benchmark_peer import build_pipeline, cached_export, generate
+    from ldm.runtime import CloneOutput
+
+    class ReplayLike(nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet, self.out = unet, None
+
+        def forward(self, *args, **kwargs):
+            out = self.unet(*args, **kwargs)[0]
+            self.out = torch.empty_like(out) if self.out is None else self.out
+            return (self.out.copy_(out),)
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self._modules["unet"], name)
+
+    config, ckpt = random_model(cache, "tiny")
+    pipe = build_pipeline(cached_export(config, ckpt, str(cache)), torch.device("cpu"), torch.float32)
+    unet = pipe.unet
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = {}
+    with torch.no_grad():
+        for name, wrapped in (("eager", unet), ("shared", ReplayLike(unet)), ("cloned", CloneOutput(ReplayLike(unet)))):
+            pipe.unet = wrapped
+            out[name] = generate(pipe, ["a photo"], "", 6, 1.0, x_T.clone(), output_type="latent")
+    assert (out["shared"] - out["eager"]).abs().max() > 1e-2 * out["eager"].abs().max()  # the hazard is real
+    assert torch.equal(out["cloned"], out["eager"])
+
 def test_select_configs_and_extras():
     opt = benchmark.parse_args(["--random", "tiny", "--configs", "A,B,D", "--extra", "bf16:--dtype bf16 --compile"])
     chosen, notes = benchmark.select_configs(opt)
