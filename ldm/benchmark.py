@@ -117,6 +117,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opt = p.parse_args(argv)
     if opt.repeats < 0 or (opt.repeats == 0 and opt.unet_iters <= 0):
         p.error("--repeats 0 runs the UNet microbenchmark only: give --unet_iters 1 or more (and --repeats >= 0)")
+    if opt.unet_profile and opt.unet_iters <= 0:
+        p.error("--unet_profile profiles the UNet microbenchmark: give --unet_iters 1 or more")
+    if opt.ladder and opt.fit != "auto":
+        p.error("--ladder runs no memory search (--fit); drop --fit, or run it with --configs")
     if opt.random and (opt.ckpt or opt.config):
         p.error("--random makes its own checkpoint: drop --ckpt/--config")
     if not opt.random and not opt.ckpt:
@@ -147,8 +151,9 @@ def config_dtype(cfg: Config, default: str) -> str:
 def select_configs(opt: argparse.Namespace) -> tuple[list[Config], list[str]]:
     """The configurations to run, in order, and notes on the ones skipped."""
     if opt.ladder:
-        return ladder_configs(opt), ["ladder: the UNet microbenchmark runs each step's flags, without the memory "
-                                     "search (--unet_iters 0 skips it)"]
+        note = ("ladder: the UNet microbenchmark runs each step's flags, without the memory search" if opt.unet_iters
+                else "ladder: the UNet microbenchmark is skipped (--unet_iters 0)")
+        return ladder_configs(opt), [note]
     chosen, notes = [], []
     for key in [k.strip() for k in opt.configs.split(",") if k.strip()]:
         if key not in CONFIGS:
@@ -312,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(base + ".md", "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print(text)
-    if not rows:  # an inpainting model: only the UNet microbenchmark ran
+    if not rows:  # an inpainting model or --repeats 0: only the UNet microbenchmark ran
         return 1 if unet_rows and all(u["status"] != "ok" for u in unet_rows) else 0
     return 1 if failed and len(failed) == len(rows) else 0
 

@@ -22,6 +22,7 @@ UNET_FIELDS = ["config", "label", "flags", "status", "unet_batch", "H", "W", "ms
 
 
 def write_csv(path: str, rows: Iterable[dict], fields: list[str]) -> None:
+    """``rows`` as CSV with the columns ``fields`` (other keys of a row are left out)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()

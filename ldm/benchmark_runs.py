@@ -22,6 +22,8 @@ MB = 1024 ** 2
 
 @dataclass(frozen=True)
 class Config:
+    """One benchmark configuration: its key (A..E, P, PC, S0.., H0.. or an --extra name), what it is, the flags
+    its runs get, and whether it runs the peer (diffusers) instead of our txt2img."""
     key: str
     label: str
     flags: tuple[str, ...] = ()
@@ -191,7 +193,8 @@ def compile_notes(rows: list[dict], configs: list[Config]) -> list[str]:
                     f"compilation) {', '.join(f'{u:.1f}' for u in untimed)} s run by run")
             if base:
                 extra = sum(untimed) / len(untimed) - sum(r["process_s"] - r["seconds"] for r in base) / len(base)
-                text += f", {extra:.1f} s more than {eager}'s on average: the compile cost of a fresh process"
+                text += (f", {extra:.1f} s more than {eager}'s on average: the compile cost of a fresh process"
+                         + (" (with the int8 quantization)" if "--int8" in cfg.flags else ""))
             notes.append(text + "; its timed part is " + ", ".join(f"{r['seconds']:.2f}" for r in own) + " s.")
     return notes
 

@@ -22,6 +22,7 @@ import argparse
 import os
 import statistics
 import sys
+from typing import Any, Callable
 
 import torch
 
@@ -69,7 +70,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_known_args(argv)
 
 
-def unet_factory(opt: argparse.Namespace):
+def unet_factory(opt: argparse.Namespace) -> tuple[Callable[[], torch.nn.Module], Callable[..., torch.Tensor],
+                                                   tuple[int, int]]:
     """(build() -> UNet with this configuration's attention, call(unet, x, t, context) -> eps,
     (input channels, context width))."""
     if opt.peer:
@@ -77,8 +79,15 @@ def unet_factory(opt: argparse.Namespace):
         from diffusers import UNet2DConditionModel
         with open(os.path.join(opt.weights, "configs.json"), encoding="utf-8") as f:
             cfg = json.load(f)["unet"]
-        return (lambda: UNet2DConditionModel(**cfg).eval(),
-                lambda m, x, t, c: m(x, t, c, return_dict=False)[0], (cfg["in_channels"], cfg["cross_attention_dim"]))
+
+        def build_peer():
+            unet = UNet2DConditionModel(**cfg).eval()
+            if opt.attention == "math":  # diffusers' classic three-op attention, as ldm.benchmark_peer sets it
+                from diffusers.models.attention_processor import AttnProcessor
+                unet.set_attn_processor(AttnProcessor())
+            return unet
+        return (build_peer, lambda m, x, t, c: m(x, t, c, return_dict=False)[0],
+                (cfg["in_channels"], cfg["cross_attention_dim"]))
     from ldm.attention import set_attention_backend
     from ldm.checkpoint import load_config
     from ldm.unet import UNetModel
@@ -94,13 +103,9 @@ def unet_factory(opt: argparse.Namespace):
 def load_unet(opt: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The UNet alone, built on the meta device and loaded strictly (the rest of the checkpoint is not touched)."""
     if opt.peer:
-        from diffusers import UNet2DConditionModel
-        import json
         from ldm.benchmark_peer import load_part, quiet_peer_logs
         quiet_peer_logs()
-        with open(os.path.join(opt.weights, "configs.json"), encoding="utf-8") as f:
-            cfg = json.load(f)["unet"]
-        unet = load_part(lambda: UNet2DConditionModel(**cfg), os.path.join(opt.weights, "unet.pt"))
+        unet = load_part(unet_factory(opt)[0], os.path.join(opt.weights, "unet.pt"))
         return unet.to(device=device, dtype=dtype)
     from ldm.checkpoint import detect_layout, read_checkpoint, to_native
     raw, _ = read_checkpoint(opt.ckpt)
@@ -119,10 +124,7 @@ def load_unet(opt: argparse.Namespace, device: torch.device, dtype: torch.dtype)
 def apply_flags(unet: torch.nn.Module, opt: argparse.Namespace) -> torch.nn.Module:
     """The layout and quantization flags on a loaded UNet, ours or the peer's (as txt2img and the peer apply them)."""
     from ldm.optimize import quantize_int8, set_fused_projections, to_channels_last
-    if opt.peer:
-        if opt.attention == "math":  # diffusers' classic three-op attention, as ldm.benchmark_peer does
-            from diffusers.models.attention_processor import AttnProcessor
-            unet.set_attn_processor(AttnProcessor())
+    if opt.peer:  # (its attention processor is set when it is built: unet_factory)
         if opt.fuse_projections:
             unet.fuse_qkv_projections()
         if opt.channels_last:
@@ -136,7 +138,7 @@ def apply_flags(unet: torch.nn.Module, opt: argparse.Namespace) -> torch.nn.Modu
     return unet
 
 
-def profile_call(step, device: torch.device, top: int) -> list[dict]:
+def profile_call(step: Callable[[], Any], device: torch.device, top: int) -> list[dict]:
     """The ``top`` ops of one ``step()`` by self time (device time on CUDA, CPU time elsewhere)."""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
@@ -218,6 +220,7 @@ def fit_resolution(opt, method: str, unet, device, dtype, budget: int, scopes) -
 
 
 def run(opt: argparse.Namespace) -> dict:
+    """Load, time, profile and size the UNet of one configuration; the results as a json-ready dict."""
     from ldm import runtime
     device = runtime.pick_device(opt.device)
     dtype = runtime.DTYPES[opt.dtype or ("bf16" if opt.bf16 else "fp32")]

@@ -120,6 +120,7 @@ def cache(tmp_path_factory):
 
 def test_harness_tiny_end_to_end(tmp_path, cache):
     pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     pytest.importorskip("matplotlib")
     check_outputs(harness(tmp_path, cache, "A,C,D,P"), ["A", "C", "D", "P"], repeats=1)
 
@@ -128,6 +129,7 @@ def test_harness_tiny_end_to_end(tmp_path, cache):
 def test_harness_tiny_all_configs(tmp_path, cache):
     """A, C, D, E (compile), P, PC (diffusers compiled) and an extra, twice over, with the peer check."""
     pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     pytest.importorskip("matplotlib")
     prefix = harness(tmp_path, cache, "A,B,C,D,E,P,PC", "--check", "--extra", "mha:--attention mha", repeats=2)
     with open(prefix + ".md", encoding="utf-8") as f:
@@ -145,6 +147,7 @@ def test_harness_tiny_cuda(tmp_path, cache):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     prefix = harness(tmp_path, cache, "A,C,D,E,P", device="cuda")
     check_outputs(prefix, ["A", "C", "D", "E", "P"], repeats=1, device="cuda")
     _, unet = read_csv(prefix + "-unet.csv")
@@ -154,11 +157,11 @@ def test_harness_tiny_cuda(tmp_path, cache):
 def test_peer_matches_ours(cache):
     """diffusers' pipeline, converted by the harness, samples the same latents and images from the same noise."""
     pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     from ldm.benchmark_peer import cached_export, check
     config, ckpt, _ = benchmark.prepare_model(benchmark.parse_args(["--random", "tiny", "--cache_dir", str(cache)]))
     errors = check(config, ckpt, cached_export(config, ckpt, str(cache)), steps=4, size=64)
     assert errors["text"] < 1e-5 and errors["latents"] < 1e-4 and errors["images"] < 1e-4, errors
-
 
 
 def test_peer_pipeline_with_cloned_unet_outputs(cache):
@@ -166,6 +169,7 @@ def test_peer_pipeline_with_cloned_unet_outputs(cache):
     wrapper, and unguided PNDM, which keeps the UNet's raw outputs, goes wrong over a buffer-reusing UNet
     (a CUDA-graph replay's semantics, imitated on the CPU) unless they are cloned."""
     pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     from torch import nn
     from ldm.benchmark_peer import build_pipeline, cached_export, generate
     from ldm.runtime import CloneOutput
@@ -197,6 +201,7 @@ def test_peer_pipeline_with_cloned_unet_outputs(cache):
             out[name] = generate(pipe, ["a photo"], "", 6, 1.0, x_T.clone(), output_type="latent")
     assert (out["shared"] - out["eager"]).abs().max() > 1e-2 * out["eager"].abs().max()  # the hazard is real
     assert torch.equal(out["cloned"], out["eager"])
+
 
 def test_select_configs_and_extras():
     opt = benchmark.parse_args(["--random", "tiny", "--configs", "A,B,D", "--extra", "bf16:--dtype bf16 --compile"])
@@ -287,8 +292,9 @@ def test_ladder_configs_interleave_ours_and_peer():
     assert [c.key for c in benchmark.select_configs(opt)[0]] == [f"S{k}" for k in range(8)]
 
 
-
 def test_compile_notes_compare_each_compiled_row_with_its_eager_counterpart():
+    pytest.importorskip("diffusers")  # P and PC are dropped without the peer
+    pytest.importorskip("transformers")
     from ldm.benchmark_runs import compile_notes, eager_counterpart
     ladder, _ = benchmark.select_configs(benchmark.parse_args(["--random", "tiny", "--ladder", "--no_peer"]))
     assert {c.key: eager_counterpart(c, ladder) for c in ladder[5:]} == {"S5": "S4", "S6": "S4", "S7": "S4"}
@@ -299,6 +305,7 @@ def test_compile_notes_compare_each_compiled_row_with_its_eager_counterpart():
     notes = compile_notes(rows, ladder)
     assert len(notes) == 2 and "untimed part of each process (load, warm-up iteration with compilation) 92.0 s" \
         in notes[0] and "72.0 s more than S4's" in notes[0] and "124.0 s more than S4's" in notes[1]
+
 
 # ---- SD 1.x, SD 2.x 768-v and the inpainting UNet ----
 
@@ -312,6 +319,7 @@ def test_peer_matches_ours_sd1_tiny(cache):
     """SD 1: diffusers' CLIPTextModel (quick-GELU, all layers, final LN) and its tokenizer (EOT padding) from
     the converted weights give our text context, latents and images from the same x_T."""
     pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     import json
     import os
     from ldm.benchmark_peer import cached_export, check, load_tokenizer
@@ -340,6 +348,7 @@ def test_peer_matches_ours_sd2_v_tiny(cache):
     """SD 2 768-v: the peer's PLMS turns each call's v into eps as ours does (diffusers' own v_prediction PNDM
     would combine v's across steps: 0.29 apart after 4 steps)."""
     pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     from ldm.benchmark_peer import cached_export, check
     config, ckpt = random_model(cache, "tiny-v")
     errors = check(config, ckpt, cached_export(config, ckpt, str(cache)), steps=4, size=64)
@@ -350,6 +359,7 @@ def test_peer_matches_ours_sd2_v_tiny(cache):
 def test_v_to_eps_closed_form():
     """x_t = sqrt(a) x0 + sqrt(1-a) eps and v = sqrt(a) eps - sqrt(1-a) x0 give back eps, at each call's t."""
     pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     from diffusers import PNDMScheduler
     from ldm.benchmark_peer import v_to_eps
     sched = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -364,6 +374,7 @@ def test_v_to_eps_closed_form():
 def test_unet_microbenchmark_inpainting_tiny(cache, tmp_path):
     """9-channel inputs for the inpainting UNet, ours and the peer's: both UNets give the same eps on them."""
     pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     import json
     from ldm import benchmark_unet
     from ldm.benchmark_peer import cached_export
@@ -389,11 +400,11 @@ def test_unet_microbenchmark_inpainting_tiny(cache, tmp_path):
         assert st["iters"] == 2 and st["s_mean"] > 0 and st["est_bytes"] > 0
 
 
-
 def test_unet_microbenchmark_ladder_flags_keep_the_output(cache):
     """The ladder's UNet flags, ours and the peer's, applied by benchmark_unet.apply_flags: each takes effect and
     leaves eps within 1e-5 of the plain fp32 UNet (re-randomised weights); the profiler names real ops."""
     pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     from diffusers.models.attention_processor import AttnProcessor
     from ldm import benchmark_unet
     from ldm.attention import CrossAttention
@@ -437,6 +448,7 @@ def test_harness_ladder_unet_only(tmp_path, cache):
     """--ladder --repeats 0: no end-to-end runs, the UNet microbenchmark of each step, ours and the peer's, its
     ladder table (speed-ups = ratios of the CSV's means) and the profiler tables."""
     pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     out = tmp_path / "out"
     assert benchmark.main(["--random", "tiny", "--cache_dir", str(cache), "--device", "cpu", "--H", "64", "--W", "64",
                            "--repeats", "0", "--ladder", "--ladder_steps", "2", "--unet_iters", "1",
@@ -452,6 +464,7 @@ def test_harness_ladder_unet_only(tmp_path, cache):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3] == f"{ms['S0'] / ms['S1']:.2f}x" and cells[6] == f"{ms['H1'] / ms['S1']:.2f}x"
     assert text.count("#### Where the time goes:") == 4 and "`aten::" in text
+
 
 def test_ckpt_without_config_is_guessed(cache, capsys):
     """--ckpt alone: the config comes from ldm.detect.guess_config, and the guess is printed."""
@@ -475,6 +488,7 @@ def test_ckpt_without_config_is_guessed(cache, capsys):
 def test_harness_inpainting_tiny_unet_only(tmp_path, cache):
     """An inpainting model: no end-to-end runs (txt2img cannot run it), the UNet microbenchmark for ours and P."""
     pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     prefix = harness(tmp_path, cache, "D,P", "--fit", "none", model="tiny-inpainting")
     _, runs = read_csv(prefix + "-runs.csv")
     assert runs == []
@@ -489,6 +503,7 @@ def test_harness_inpainting_tiny_unet_only(tmp_path, cache):
 def test_harness_sd1_tiny_end_to_end(tmp_path, cache):
     """--random sd1-tiny through the whole harness, peer check included (about 2 minutes on a shared CPU)."""
     pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     pytest.importorskip("matplotlib")
     prefix = harness(tmp_path, cache, "A,C,D,P", "--check", model="sd1-tiny")
     check_outputs(prefix, ["A", "C", "D", "P"], repeats=1)
