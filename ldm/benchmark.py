@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     base = os.path.join(opt.outdir, opt.name)
     weights = None
     if any(c.peer for c in configs) or opt.check:
-        from ldm.benchmark_peer import cached_export
+        from ldm.benchmark_export import cached_export
         t0 = time.perf_counter()
         weights = cached_export(config, ckpt, cache_dir(opt))
         print(f"diffusers weights: {weights} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)

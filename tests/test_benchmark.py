@@ -158,7 +158,8 @@ def test_peer_matches_ours(cache):
     """diffusers' pipeline, converted by the harness, samples the same latents and images from the same noise."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from ldm.benchmark_peer import cached_export, check
+    from ldm.benchmark_export import cached_export
+    from ldm.benchmark_peer import check
     config, ckpt, _ = benchmark.prepare_model(benchmark.parse_args(["--random", "tiny", "--cache_dir", str(cache)]))
     errors = check(config, ckpt, cached_export(config, ckpt, str(cache)), steps=4, size=64)
     assert errors["text"] < 1e-5 and errors["latents"] < 1e-4 and errors["images"] < 1e-4, errors
@@ -171,7 +172,8 @@ def test_peer_pipeline_with_cloned_unet_outputs(cache):
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     from torch import nn
-    from ldm.benchmark_peer import build_pipeline, cached_export, generate
+    from ldm.benchmark_export import cached_export
+    from ldm.benchmark_peer import build_pipeline, generate
     from ldm.runtime import CloneOutput
 
     class ReplayLike(nn.Module):
@@ -322,7 +324,8 @@ def test_peer_matches_ours_sd1_tiny(cache):
     pytest.importorskip("transformers")
     import json
     import os
-    from ldm.benchmark_peer import cached_export, check, load_tokenizer
+    from ldm.benchmark_export import cached_export, load_tokenizer
+    from ldm.benchmark_peer import check
     from ldm.checkpoint import load_config
     from ldm.clip_text import tokenize
     config, ckpt = random_model(cache, "sd1-tiny")
@@ -349,7 +352,8 @@ def test_peer_matches_ours_sd2_v_tiny(cache):
     would combine v's across steps: 0.29 apart after 4 steps)."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from ldm.benchmark_peer import cached_export, check
+    from ldm.benchmark_export import cached_export
+    from ldm.benchmark_peer import check
     config, ckpt = random_model(cache, "tiny-v")
     errors = check(config, ckpt, cached_export(config, ckpt, str(cache)), steps=4, size=64)
     # measured: text 0, latents 6.2e-6, images 6.9e-6 (fp32 CPU)
@@ -377,7 +381,7 @@ def test_unet_microbenchmark_inpainting_tiny(cache, tmp_path):
     pytest.importorskip("transformers")
     import json
     from ldm import benchmark_unet
-    from ldm.benchmark_peer import cached_export
+    from ldm.benchmark_export import cached_export
     config, ckpt = random_model(cache, "tiny-inpainting")
     weights = cached_export(config, ckpt, str(cache))
     ours, _ = benchmark_unet.parse_args(["--config", config, "--ckpt", ckpt, "--stats", "x"])
@@ -408,7 +412,7 @@ def test_unet_microbenchmark_ladder_flags_keep_the_output(cache):
     from diffusers.models.attention_processor import AttnProcessor
     from ldm import benchmark_unet
     from ldm.attention import CrossAttention
-    from ldm.benchmark_peer import cached_export
+    from ldm.benchmark_export import cached_export
     config, ckpt = random_model(cache, "tiny")
     weights = cached_export(config, ckpt, str(cache))
     src = {"ours": ["--config", config, "--ckpt", ckpt], "peer": ["--peer", "--weights", weights]}

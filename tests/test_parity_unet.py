@@ -22,7 +22,7 @@ MODES = ["plain", "small_input", "small_norm_inputs"]
 
 def diffusers_config(cfg: UNetConfig) -> dict:
     """UNet2DConditionModel kwargs for the same architecture (the benchmark peer's mapping, one place)."""
-    from ldm.benchmark_peer import unet_config
+    from ldm.benchmark_export import unet_config
     return unet_config(cfg)
 
 
