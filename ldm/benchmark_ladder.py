@@ -65,35 +65,32 @@ def cumulative(ladder: list[Step]) -> list[tuple[tuple[str, ...], tuple[str, ...
     return out
 
 
-def table(summary: list[dict], ladder: list[Step], batch: int) -> list[str]:
-    """Markdown rows: each step's mean seconds and speed-up over step 0, ours and the peer's, and ours/peer."""
-    means = {r["config"]: r["mean_s"] for r in summary if r["batch"] == batch and r.get("mean_s")}
-    if not means:
+def _rows(values: dict[str, float], ladder: list[Step], title: str, unit: str) -> list[str]:
+    """A ladder table: each step's value and speed-up over step 0, ours (S<k>) and the peer's (H<k>), and
+    peer/ours; none when nothing was measured."""
+    if not values:
         return []
     fmt = lambda v: "–" if v is None else (f"{v:.0f}" if v >= 1e4 else f"{v:.4g}")
     x = lambda a, b: "–" if a is None or b is None else f"{b / a:.2f}x"
-    lines = [f"### Technique ladder, batch size {batch}: each row adds one technique to the row above", "",
-             "| step | technique | ours s | ours speed-up | diffusers s | diffusers speed-up | diffusers/ours |",
+    lines = [title, "",
+             f"| step | technique | ours {unit} | ours speed-up | diffusers {unit} | diffusers speed-up | diffusers/ours |",
              "|---:|---|---:|---:|---:|---:|---:|"]
-    s0, h0 = means.get("S0"), means.get("H0")
+    s0, h0 = values.get("S0"), values.get("H0")
     for k, step in enumerate(ladder):
-        s, h = means.get(f"S{k}"), means.get(f"H{k}")
+        s, h = values.get(f"S{k}"), values.get(f"H{k}")
         lines.append(f"| {k} | {step.name} | {fmt(s)} | {x(s, s0)} | {fmt(h)} | {x(h, h0)} | {x(s, h)} |")
     return lines
+
+
+def table(summary: list[dict], ladder: list[Step], batch: int) -> list[str]:
+    """Markdown rows: each step's mean seconds and speed-up over step 0, ours and the peer's, and ours/peer."""
+    means = {r["config"]: r["mean_s"] for r in summary if r["batch"] == batch and r.get("mean_s")}
+    return _rows(means, ladder, f"### Technique ladder, batch size {batch}: each row adds one technique to the row "
+                                "above", "s")
 
 
 def unet_table(unet_rows: list[dict], ladder: list[Step], unet_batch: int) -> list[str]:
     """Markdown rows of the UNet microbenchmark along the ladder: ms per guided step, ours and the peer's."""
     ms = {u["config"]: u["ms_mean"] for u in unet_rows if u.get("unet_batch") == unet_batch and u.get("ms_mean")}
-    if not ms:
-        return []
-    fmt = lambda v: "–" if v is None else (f"{v:.0f}" if v >= 1e4 else f"{v:.4g}")
-    x = lambda a, b: "–" if a is None or b is None else f"{b / a:.2f}x"
-    lines = [f"### Technique ladder, the UNet alone (UNet batch {unet_batch}): ms per guided step", "",
-             "| step | technique | ours ms | ours speed-up | diffusers ms | diffusers speed-up | diffusers/ours |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
-    s0, h0 = ms.get("S0"), ms.get("H0")
-    for k, step in enumerate(ladder):
-        s, h = ms.get(f"S{k}"), ms.get(f"H{k}")
-        lines.append(f"| {k} | {step.name} | {fmt(s)} | {x(s, s0)} | {fmt(h)} | {x(h, h0)} | {x(s, h)} |")
-    return lines
+    return _rows(ms, ladder, f"### Technique ladder, the UNet alone (UNet batch {unet_batch}): ms per guided step",
+                 "ms")

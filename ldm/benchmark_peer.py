@@ -114,19 +114,31 @@ def compile_peer_unet(pipe, mode: str, device: torch.device) -> None:
     pipe.unet = compile_module(pipe.unet, mode, device)
 
 
-def optimize_peer(pipe, opt: argparse.Namespace, device: torch.device) -> None:
-    """The speed flags on diffusers' pipeline, each the peer's own equivalent of ours (see ldm.benchmark_ladder)."""
-    if opt.attention == "math":  # diffusers' classic AttnProcessor: softmax(QK^T)V in three ops, as the original
+def set_peer_attention(unet, attention: str) -> None:
+    """``math``: diffusers' classic AttnProcessor, softmax(QK^T)V in three ops as the original; else its default."""
+    if attention == "math":
         from diffusers.models.attention_processor import AttnProcessor
-        pipe.unet.set_attn_processor(AttnProcessor())
+        unet.set_attn_processor(AttnProcessor())
+
+
+def optimize_peer_unet(unet, opt: argparse.Namespace) -> None:
+    """The UNet's speed flags (attention, fused projections, channels_last, int8), the peer's own equivalents of
+    ours (see ldm.benchmark_ladder); used by the pipeline and by the UNet microbenchmark."""
+    set_peer_attention(unet, opt.attention)
     if opt.fuse_projections:
-        pipe.fuse_qkv_projections(vae=False)  # ours fuses the UNet's attention only
+        unet.fuse_qkv_projections()  # ours fuses the UNet's attention only, not the VAE's
     if opt.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
+        unet.to(memory_format=torch.channels_last)
     if opt.int8:
         from ldm.optimize import quantize_int8
-        quantize_int8(pipe.unet)
+        quantize_int8(unet)
+
+
+def optimize_peer(pipe, opt: argparse.Namespace, device: torch.device) -> None:
+    """The speed flags on diffusers' pipeline: its UNet's (``optimize_peer_unet``), the VAE's channels_last, compile."""
+    optimize_peer_unet(pipe.unet, opt)
+    if opt.channels_last:
+        pipe.vae.to(memory_format=torch.channels_last)
     if opt.compile:
         compile_peer_unet(pipe, opt.compile_mode, device)
 

@@ -80,11 +80,11 @@ def unet_factory(opt: argparse.Namespace) -> tuple[Callable[[], torch.nn.Module]
         with open(os.path.join(opt.weights, "configs.json"), encoding="utf-8") as f:
             cfg = json.load(f)["unet"]
 
+        from ldm.benchmark_peer import set_peer_attention
+
         def build_peer():
             unet = UNet2DConditionModel(**cfg).eval()
-            if opt.attention == "math":  # diffusers' classic three-op attention, as ldm.benchmark_peer sets it
-                from diffusers.models.attention_processor import AttnProcessor
-                unet.set_attn_processor(AttnProcessor())
+            set_peer_attention(unet, opt.attention)  # here too for the memory estimate, which builds afresh
             return unet
         return (build_peer, lambda m, x, t, c: m(x, t, c, return_dict=False)[0],
                 (cfg["in_channels"], cfg["cross_attention_dim"]))
@@ -123,16 +123,14 @@ def load_unet(opt: argparse.Namespace, device: torch.device, dtype: torch.dtype)
 
 def apply_flags(unet: torch.nn.Module, opt: argparse.Namespace) -> torch.nn.Module:
     """The layout and quantization flags on a loaded UNet, ours or the peer's (as txt2img and the peer apply them)."""
+    if opt.peer:
+        from ldm.benchmark_peer import optimize_peer_unet
+        optimize_peer_unet(unet, opt)
+        return unet
     from ldm.optimize import quantize_int8, set_fused_projections, to_channels_last
-    if opt.peer:  # (its attention processor is set when it is built: unet_factory)
-        if opt.fuse_projections:
-            unet.fuse_qkv_projections()
-        if opt.channels_last:
-            unet.to(memory_format=torch.channels_last)
-    else:
-        set_fused_projections(unet, not opt.unfused_projections)
-        if opt.channels_last:
-            to_channels_last(unet)
+    set_fused_projections(unet, not opt.unfused_projections)
+    if opt.channels_last:
+        to_channels_last(unet)
     if opt.int8:
         quantize_int8(unet)
     return unet

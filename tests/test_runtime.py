@@ -175,23 +175,15 @@ def test_compile_vae_matches_eager(tiny):
     assert rel_err(out, eager) <= COMPILE_TOL
 
 
-def test_compile_unet_matches_eager(tiny):
+# max-autotune is slow-marked: inductor's CPU GEMM autotuning, about a minute on a busy 2-core machine, cold cache
+@pytest.mark.parametrize("mode", ["default", pytest.param("max-autotune", marks=pytest.mark.slow)])
+def test_compile_unet_matches_eager(tiny, mode):
     x, t, c = unet_inputs()
     with torch.no_grad():
         eager = tiny.apply_model(x, t, c)
-        runtime.compile_unet(tiny, "default")
+        runtime.compile_unet(tiny, mode)
         out = tiny.apply_model(x, t, c)
     assert tiny.dtype == torch.float32 and tiny.device == CPU
-    assert rel_err(out, eager) <= COMPILE_TOL
-
-
-@pytest.mark.slow  # inductor's CPU GEMM autotuning: about a minute on a busy 2-core machine, cold cache
-def test_compile_unet_max_autotune_cpu_matches_eager(tiny):
-    x, t, c = unet_inputs()
-    with torch.no_grad():
-        eager = tiny.apply_model(x, t, c)
-        runtime.compile_unet(tiny, "max-autotune")
-        out = tiny.apply_model(x, t, c)
     assert rel_err(out, eager) <= COMPILE_TOL
 
 
