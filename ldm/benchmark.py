@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--ladder", action="store_true",
                    help="the technique ladder S0..S7 (ours) and H0..H7 (diffusers) instead of --configs")
     r.add_argument("--ladder_steps", type=int, default=None, help="only the first K steps of the ladder")
+    r.add_argument("--ladder_only", default=None, metavar="K,K,...",
+                   help="run only these ladder steps (each still with every earlier step's flags): "
+                        "split a long ladder over several sessions")
     r.add_argument("--ladder_dtype", choices=["bf16", "fp16"], default="bf16",
                    help="the reduced precision of the ladder's step 1")
     r.add_argument("--no_peer", action="store_true", help="the ladder without diffusers' H configurations")
@@ -119,6 +122,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--repeats 0 runs the UNet microbenchmark only: give --unet_iters 1 or more (and --repeats >= 0)")
     if opt.unet_profile and opt.unet_iters <= 0:
         p.error("--unet_profile profiles the UNet microbenchmark: give --unet_iters 1 or more")
+    if opt.ladder_only is not None:
+        from ldm.benchmark_ladder import steps
+        n = len(steps(opt.ladder_dtype)[: opt.ladder_steps])
+        try:
+            opt.ladder_only = sorted({int(k) for k in opt.ladder_only.split(",")})
+        except ValueError:
+            p.error(f"--ladder_only takes step numbers such as 5,6: got {opt.ladder_only!r}")
+        if not opt.ladder or not opt.ladder_only or not all(0 <= k < n for k in opt.ladder_only):
+            p.error(f"--ladder_only needs --ladder and step numbers from 0 to {n - 1}")
     if opt.ladder and opt.fit != "auto":
         p.error("--ladder runs no memory search (--fit); drop --fit, or run it with --configs")
     if opt.random and (opt.ckpt or opt.config):
@@ -135,6 +147,8 @@ def ladder_configs(opt: argparse.Namespace) -> list[Config]:
     peer = not opt.no_peer and all(importlib.util.find_spec(m) for m in ("diffusers", "transformers"))
     chosen = []
     for k, (step, (ours, theirs)) in enumerate(zip(ladder, cumulative(ladder))):
+        if opt.ladder_only is not None and k not in opt.ladder_only:
+            continue
         chosen.append(Config(f"S{k}", step.name, ours))
         if peer:
             chosen.append(Config(f"H{k}", "diffusers " + step.name, theirs, peer=True))

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -155,14 +157,25 @@ def _no_bar(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO, str], None]) -> int:
+def nbytes(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
+    """Bytes of tensor data that ``specs`` (name -> dtype, shape) describe."""
+    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO, str], None], need: int = 0) -> int:
     """Run ``write(file, temp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     On any error (or Ctrl-C) the temporary file is removed and ``path`` is untouched. The temporary
-    name keeps the suffix so readers that sniff it still work. Returns the bytes written.
+    name keeps the suffix so readers that sniff it still work. ``need`` (bytes, 0 = unknown) is checked
+    against the free disk space first, and a full disk is reported in one line either way.
+    Returns the bytes written.
     """
     folder, name = os.path.split(os.path.abspath(path))
     stem, suffix = os.path.splitext(name)
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise CheckpointError(f"not enough disk space for {path}: it needs about {need / 1e9:.1f} GB, "
+                              f"{free / 1e9:.1f} GB are free in {folder}")
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.partial-", suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -175,9 +188,12 @@ def atomic_write(path: str, write: Callable[[BinaryIO, str], None]) -> int:
         size = os.path.getsize(tmp)
         os.replace(tmp, path)
         return size
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise CheckpointError(f"the disk filled up while writing {path} ({folder}: "
+                                  f"{shutil.disk_usage(folder).free / 1e9:.1f} GB free now); nothing was written") from e
         raise
 
 
@@ -298,12 +314,14 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, to: str = "nat
         t = sd.pop(name)  # free the source reference as we go
         return _own_storage(t.to(specs[name][0]))
 
+    restage = fmt != "safetensors" and any(specs[k][0] != v.dtype for k, v in sd.items())
+
     def write(f: BinaryIO, tmp: str) -> None:
         if fmt == "safetensors":
             metadata = {"format": "pt", "layout": to, "source": os.path.basename(source),
                         "dtype": dtype or "as stored", "ema": str(ema).lower(), "converted_by": "ldm.convert"}
             write_safetensors(f, specs, produce, metadata, progress)
-        elif any(specs[k][0] != v.dtype for k, v in sd.items()):
+        elif restage:
             with staged(specs, produce, tmp, progress) as state:  # the mmap'd input is released first
                 torch.save({"state_dict": state}, f)
         else:
@@ -313,7 +331,7 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, to: str = "nat
             f.flush()
             report.max_diff, report.ref_scale = compare_unets(source, tmp, unet_cfg, ema)
 
-    report.bytes_written = atomic_write(target, write)
+    report.bytes_written = atomic_write(target, write, need=nbytes(specs) * (2 if restage else 1))
     report.seconds = time.perf_counter() - start
     return report
 

@@ -7,11 +7,13 @@
     python scripts/make_random_checkpoint.py /tmp/sd1_random.ckpt --model sd1                    # full SD1, 4.3 GB
 
 The model is built on the meta device (no memory), and each tensor is drawn from its own generator
-(seeded by --seed and the tensor's name) and streamed to a .safetensors file in the original layout,
-so at most one tensor is in memory. Other outputs (.ckpt, --layout native_mha, --dtype) are then made
-from that file by ldm.convert, which reads it memory-mapped. Same --seed, same weights, whatever the
-layout or format; the noise-schedule buffers hold their real values. SD 1.x files (a CLIP text encoder)
-also get the ``...embeddings.position_ids`` buffer (int64 arange) that the released SD 1.x checkpoints carry.
+(seeded by --seed and the tensor's name). A .safetensors file in the original layout and float32 is
+streamed to disk, one tensor in memory at a time. Other outputs (.ckpt, --layout native_mha, --dtype)
+are assembled in memory first (as much RAM as the file's size: 5.2 GB for a float32 SD2), then
+written, so the disk never holds more than the file itself. Same --seed, same weights, whatever the
+layout, dtype or format; the noise-schedule buffers hold their real values. SD 1.x files (a CLIP text
+encoder) also get the ``...embeddings.position_ids`` buffer (int64 arange) that the released SD 1.x
+checkpoints carry. Errors (a full disk, a bad suffix) are one line and exit 1; nothing half-written is left.
 """
 
 import argparse
@@ -26,9 +28,10 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import torch
 
-from ldm.checkpoint import CLIP_POSITION_IDS, load_config, to_original
+from ldm.checkpoint import CLIP_POSITION_IDS, CheckpointError, load_config, to_native, to_original
 from ldm.clip_text import FrozenCLIPEmbedder
-from ldm.convert import DTYPES, SD1_CONFIG, SD2_CONFIG, atomic_write, convert, output_format, write_safetensors
+from ldm.convert import (DTYPES, SD1_CONFIG, SD2_CONFIG, atomic_write, nbytes, output_format, target_dtype,
+                         write_safetensors)
 from ldm.latent_diffusion import LatentDiffusion
 
 CONFIGS = {"sd2": SD2_CONFIG, "sd1": SD1_CONFIG}  # --model -> full-size yaml
@@ -59,15 +62,21 @@ def make_random_checkpoint(out: str, config: str = SD2_CONFIG, layout: str = "or
         t = sd.pop(name)
         return random_tensor(name, specs[name][1], seed) if t.is_meta else t
 
-    direct = fmt == "safetensors" and layout == "original" and dtype is None
-    staged = out if direct else f"{out}.random-original.safetensors"
-    atomic_write(staged, lambda f, _tmp: write_safetensors(f, specs, produce, {"format": "pt", "layout": "original",
-                                                                               "seed": str(seed)}, progress))
-    if not direct:
-        try:
-            convert(staged, out, to=layout, dtype=dtype, progress=progress)
-        finally:
-            os.remove(staged)
+    metadata = {"format": "pt", "layout": layout, "seed": str(seed)}
+    if fmt == "safetensors" and layout == "original" and dtype is None:
+        atomic_write(out, lambda f, _tmp: write_safetensors(f, specs, produce, metadata, progress), nbytes(specs))
+        return
+    sd = {k: produce(k) for k in specs}
+    if layout == "native_mha":
+        sd = to_native(sd)
+    cast = DTYPES.get(dtype)
+    for k, v in sd.items():
+        sd[k] = v.to(target_dtype(k, v, cast))
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()}
+    if fmt == "safetensors":
+        atomic_write(out, lambda f, _tmp: write_safetensors(f, specs, sd.pop, metadata, progress), nbytes(specs))
+    else:
+        atomic_write(out, lambda f, _tmp: torch.save({"state_dict": sd}, f), nbytes(specs))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float32")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    make_random_checkpoint(args.output, args.config or CONFIGS[args.model], args.layout, args.seed, args.dtype,
-                           progress=False if args.quiet else None)
+    try:
+        make_random_checkpoint(args.output, args.config or CONFIGS[args.model], args.layout, args.seed, args.dtype,
+                               progress=False if args.quiet else None)
+    except (CheckpointError, OSError) as e:
+        print(f"make_random_checkpoint: error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 1e9:.2f} GB, {args.layout} layout, seed {args.seed})")
     return 0
 

@@ -85,3 +85,13 @@ def script_main(name: str) -> Callable:
         return importlib.import_module(name).main
     finally:
         sys.path.remove(scripts)
+
+
+def need_disk(folder, gb: float) -> None:
+    """Skip (with the numbers) when ``folder``'s disk has less than ``gb`` GB free: a full-size test
+    that cannot write its checkpoint says so instead of failing half-way with ENOSPC."""
+    import shutil
+    import pytest
+    free = shutil.disk_usage(folder).free / 1e9
+    if free < gb:
+        pytest.skip(f"needs {gb:.1f} GB free disk in {folder}, {free:.1f} GB free")

@@ -294,6 +294,20 @@ def test_ladder_configs_interleave_ours_and_peer():
     assert [c.key for c in benchmark.select_configs(opt)[0]] == [f"S{k}" for k in range(8)]
 
 
+def test_ladder_only_runs_the_chosen_steps_with_every_earlier_flag(capsys):
+    from ldm.benchmark_ladder import cumulative, steps
+    opt = benchmark.parse_args(["--random", "tiny", "--ladder", "--no_peer", "--ladder_only", "6,2"])
+    configs = benchmark.select_configs(opt)[0]
+    full = cumulative(steps())
+    assert [(c.key, tuple(c.flags)) for c in configs] == [("S2", full[2][0]), ("S6", full[6][0])]
+    assert "--compile" in configs[1].flags and "--channels_last" in configs[1].flags  # steps 4 and 5 kept
+    for bad in (["--ladder", "--ladder_only", "8"], ["--ladder", "--ladder_only", "x"],
+                ["--ladder", "--ladder_steps", "3", "--ladder_only", "3"], ["--ladder_only", "1"]):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(["--random", "tiny", *bad])
+        assert "--ladder_only" in capsys.readouterr().err
+
+
 def test_compile_notes_compare_each_compiled_row_with_its_eager_counterpart():
     pytest.importorskip("diffusers")  # P and PC are dropped without the peer
     pytest.importorskip("transformers")

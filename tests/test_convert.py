@@ -373,6 +373,47 @@ def test_random_checkpoint_is_seeded_and_layouts_agree(make_random, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors", "c.safetensors", "n.ckpt"]
 
 
+def test_random_checkpoint_dtype_and_native_safetensors(make_random, tmp_path):
+    """--dtype and --layout native_mha to .safetensors: the cast of the same seeded weights, buffers kept float32."""
+    make_random(str(tmp_path / "a.safetensors"), TINY, seed=3, progress=False)
+    make_random(str(tmp_path / "h.safetensors"), TINY, layout="native_mha", dtype="fp16", seed=3, progress=False)
+    a, _ = read_checkpoint(tmp_path / "a.safetensors")
+    h, meta = read_checkpoint(tmp_path / "h.safetensors")
+    native = to_native(a)
+    assert set(h) == set(native) and meta["layout"] == "native_mha"
+    for k, v in native.items():
+        want = v if k in BUFFER_NAMES or not v.is_floating_point() else v.half()
+        assert h[k].dtype == want.dtype and torch.equal(h[k], want), k
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "h.safetensors"]  # nothing staged is left
+
+
+def test_atomic_write_refuses_a_full_disk(tmp_path, monkeypatch):
+    """Too little free space: one-line error before writing; ENOSPC half-way: one line, no partial file."""
+    import errno
+    import shutil
+    from ldm.convert import atomic_write
+    target = tmp_path / "out.ckpt"
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(CheckpointError, match=r"not enough disk space .* needs about .* GB are free"):
+        atomic_write(str(target), lambda f, _tmp: f.write(b"x"), need=free + 10**12)
+
+    def fill(f, _tmp):
+        f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(CheckpointError, match="the disk filled up while writing .*nothing was written"):
+        atomic_write(str(target), fill)
+    assert os.listdir(tmp_path) == []
+    assert atomic_write(str(target), lambda f, _tmp: f.write(b"abc"), need=3) == 3 and target.read_bytes() == b"abc"
+
+
+def test_make_random_checkpoint_errors_are_one_line(tmp_path, capsys):
+    from helpers import script_main
+    assert script_main("make_random_checkpoint")([str(tmp_path / "x.txt"), "--config", TINY, "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("make_random_checkpoint: error: unknown output suffix") and "\n" not in err
+    assert os.listdir(tmp_path) == []
+
+
 def test_console_entry_point():
     tomllib = pytest.importorskip("tomllib")
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from helpers import load_on_meta, randomize_, rel_err, small_norm_inputs
+from helpers import load_on_meta, need_disk, randomize_, rel_err, small_norm_inputs
 from ldm.checkpoint import CLIP_POSITION_IDS, CheckpointError, load_config, load_model, read_checkpoint, to_original
 from ldm.clip_text import EOT, SOT, CLIPTextConfig, FrozenCLIPEmbedder, tokenize
 from ldm.convert import convert, summary
@@ -299,6 +299,7 @@ def test_v1_inference_yaml_builds_sd1():
 
 @pytest.mark.slow
 def test_full_sd1_original_checkpoint_end_to_end(tmp_path, hf_tokenizer, record_property):
+    need_disk(tmp_path, 4.3 + 0.5)  # the float32 .ckpt, 4.3 GB
     ckpt = tmp_path / "sd1_original.ckpt"
     random_checkpoint_script().make_random_checkpoint(str(ckpt), V1, progress=False)
     assert guess_config(read_checkpoint(ckpt)[0], ckpt.name)[0] == V1
