@@ -189,9 +189,12 @@ def atomic_write(path: str, write: Callable[[BinaryIO, str], None], need: int = 
         os.replace(tmp, path)
         return size
     except BaseException as e:
+        # torch.save reports a full disk as a RuntimeError ("unexpected pos"): judge by the space left
+        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC
+                or isinstance(e, RuntimeError) and shutil.disk_usage(folder).free < 16 * 2**20)
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if full:
             raise CheckpointError(f"the disk filled up while writing {path} ({folder}: "
                                   f"{shutil.disk_usage(folder).free / 1e9:.1f} GB free now); nothing was written") from e
         raise

@@ -405,6 +405,17 @@ def test_atomic_write_refuses_a_full_disk(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
     assert atomic_write(str(target), lambda f, _tmp: f.write(b"abc"), need=3) == 3 and target.read_bytes() == b"abc"
 
+    def torch_save_full(f, _tmp):  # what torch.save raises on a full disk (seen on a 1 MB tmpfs)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage._replace(free=4096))
+    with pytest.raises(CheckpointError, match="the disk filled up"):
+        atomic_write(str(tmp_path / "full.ckpt"), torch_save_full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage)
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with room left it is some other failure
+        atomic_write(str(tmp_path / "full.ckpt"), torch_save_full)
+    assert os.listdir(tmp_path) == ["out.ckpt"]
+
 
 def test_make_random_checkpoint_errors_are_one_line(tmp_path, capsys):
     from helpers import script_main
