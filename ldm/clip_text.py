@@ -166,8 +166,8 @@ class CLIPTextModel(nn.Module):
 def _bpe():
     """(open_clip's SimpleTokenizer for its BPE tables, transformers' compiled split pattern), built once."""
     import regex
-    from open_clip.tokenizer import SimpleTokenizer
-    return SimpleTokenizer(), regex.compile(_SPLIT, regex.IGNORECASE)
+    from ldm.text_encoder import open_clip_tokenizer
+    return open_clip_tokenizer().SimpleTokenizer(), regex.compile(_SPLIT, regex.IGNORECASE)
 
 
 def encode_text(text: str) -> list[int]:

@@ -266,12 +266,18 @@ def compare_unets(source: str, written: str, unet_cfg, ema: bool = False) -> tup
 # ----------------------------------------------------------------------------- the conversion
 
 def output_format(path: str) -> str:
-    """'pickle' or 'safetensors' from the output suffix; anything else is refused."""
+    """'pickle' or 'safetensors' from the output suffix, with its folder checked to exist (before any long
+    work); anything else is refused."""
     if path.endswith(".safetensors"):
-        return "safetensors"
-    if path.endswith(PICKLE_SUFFIXES):
-        return "pickle"
-    raise UsageError(f"unknown output suffix for {path}: use .ckpt, .pt, .pth or .safetensors")
+        fmt = "safetensors"
+    elif path.endswith(PICKLE_SUFFIXES):
+        fmt = "pickle"
+    else:
+        raise UsageError(f"unknown output suffix for {path}: use .ckpt, .pt, .pth or .safetensors")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"output folder does not exist: {folder}")
+    return fmt
 
 
 def convert(source: str | os.PathLike, target: str | os.PathLike, to: str = "native_mha", ema: bool = False,
@@ -288,8 +294,6 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, to: str = "nat
         raise UsageError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if os.path.exists(source) and os.path.exists(target) and os.path.samefile(source, target):
         raise UsageError(f"refusing to overwrite the input file {source}")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(target))):
-        raise UsageError(f"output folder does not exist: {os.path.dirname(os.path.abspath(target))}")
     to = LAYOUTS[to]
 
     sd, meta = read_checkpoint(source)

@@ -7,6 +7,10 @@ open_clip's tokenizer is used. Nothing is downloaded: the checkpoint holds the w
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +18,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.config_utils import take_params
+
+
+def open_clip_file(*parts: str) -> str:
+    """A file of the installed open_clip package, found without importing it: its ``__init__`` imports
+    torchvision, timm and torch._dynamo, seconds of start-up for an arch table and a tokenizer."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("open_clip is missing: pip install open_clip_torch")
+    return os.path.join(list(spec.submodule_search_locations)[0], *parts)
+
+
+@functools.lru_cache(maxsize=1)
+def open_clip_tokenizer():
+    """open_clip's ``tokenizer`` module (``tokenize``, ``SimpleTokenizer``) loaded on its own: the file
+    imports no other part of open_clip. Falls back to the package import if a later version does."""
+    spec = importlib.util.spec_from_file_location("ldm_open_clip_tokenizer", open_clip_file("tokenizer.py"))
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError:
+        import open_clip.tokenizer as module
+    return module
 
 
 @dataclass(frozen=True)
@@ -37,10 +63,11 @@ class TextConfig:
         arch = p.get("arch", "ViT-H-14")
         shape = {}
         if arch != "custom":
-            import open_clip
-            mc = open_clip.get_model_config(arch)
-            if mc is None:
+            path = open_clip_file("model_configs", f"{arch}.json")
+            if not os.path.isfile(path):
                 raise ValueError(f"FrozenOpenCLIPEmbedder: unknown open_clip arch {arch!r}")
+            with open(path, encoding="utf-8") as f:
+                mc = json.load(f)
             t = mc["text_cfg"]
             shape = dict(width=t["width"], heads=t["heads"], layers=t["layers"],
                          vocab_size=t.get("vocab_size", 49408), embed_dim=mc["embed_dim"])
@@ -110,8 +137,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
 
     def tokenize(self, text: list[str] | str) -> torch.Tensor:
         """open_clip's BPE tokenizer: (B, context_length) int64, SOT ... EOT, zero padded, truncated."""
-        import open_clip
-        return open_clip.tokenize(text, context_length=self.max_length)
+        return open_clip_tokenizer().tokenize(text, context_length=self.max_length)
 
     def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model

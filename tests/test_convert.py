@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -422,6 +423,10 @@ def test_make_random_checkpoint_errors_are_one_line(tmp_path, capsys):
     assert script_main("make_random_checkpoint")([str(tmp_path / "x.txt"), "--config", TINY, "--quiet"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("make_random_checkpoint: error: unknown output suffix") and "\n" not in err
+    start = time.perf_counter()  # a missing folder is refused before the weights are drawn
+    assert script_main("make_random_checkpoint")([str(tmp_path / "no" / "x.ckpt"), "--quiet"]) == 1
+    assert time.perf_counter() - start < 5
+    assert "output folder does not exist" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 
 

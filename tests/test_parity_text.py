@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import SD2, TINY
+from conftest import ROOT, SD2, TINY
 from helpers import load_on_meta, randomize_, rel_err, small_norm_inputs
 from ldm.checkpoint import load_config
 from ldm.text_encoder import FrozenOpenCLIPEmbedder, TextConfig
@@ -113,3 +116,25 @@ def test_full_vit_h14_text_matches_open_clip(full_pair, mode, record_property):
     rel = compare(*full_pair, mode)
     record_property("rel_err", rel)
     assert rel <= TOL, rel
+
+
+def test_arch_table_and_tokenizer_match_open_clip_without_importing_it():
+    """The arch table and tokenizer are read from open_clip's files without its package import (seconds of
+    torchvision/timm/dynamo imports): same shapes as get_model_config, same tokens as open_clip.tokenize."""
+    from ldm.text_encoder import open_clip_tokenizer
+    for arch in ("ViT-H-14", "ViT-L-14", "ViT-bigG-14"):
+        mc = open_clip.get_model_config(arch)
+        cfg = TextConfig.from_params({"arch": arch})
+        t = mc["text_cfg"]
+        assert (cfg.width, cfg.heads, cfg.layers, cfg.embed_dim) == (t["width"], t["heads"], t["layers"],
+                                                                     mc["embed_dim"])
+    with pytest.raises(ValueError, match="unknown open_clip arch"):
+        TextConfig.from_params({"arch": "ViT-nonesuch"})
+    prompts = PROMPTS + ["Naïve café &amp; <b>HTML</b>, emoji 🐈 and   spaces", "x " * 100, "A photo!!"]
+    assert torch.equal(open_clip_tokenizer().tokenize(prompts, context_length=77), open_clip.tokenize(prompts))
+    code = ("import sys; from ldm.checkpoint import load_config; from ldm.text_encoder import open_clip_tokenizer; "
+            f"load_config({SD2!r}); open_clip_tokenizer().tokenize(['a'], context_length=77); "
+            "print(sorted(m for m in ('open_clip', 'torchvision', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
