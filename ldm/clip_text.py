@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.config_utils import take_params
+from ldm.text_encoder import embedding, open_clip_tokenizer
 
 # Text-tower shapes of the CLIP releases a FrozenCLIPEmbedder ``version`` can name (transformers' configs).
 PRESETS = {
@@ -147,8 +148,8 @@ class CLIPTextTransformer(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.embeddings = nn.Module()
-        self.embeddings.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.embeddings.position_embedding = nn.Embedding(cfg.context_length, cfg.width)
+        self.embeddings.token_embedding = embedding(cfg.vocab_size, cfg.width)
+        self.embeddings.position_embedding = embedding(cfg.context_length, cfg.width)
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(CLIPEncoderLayer(cfg.width, cfg.heads) for _ in range(cfg.layers))
         self.final_layer_norm = nn.LayerNorm(cfg.width)
@@ -166,7 +167,6 @@ class CLIPTextModel(nn.Module):
 def _bpe():
     """(open_clip's SimpleTokenizer for its BPE tables, transformers' compiled split pattern), built once."""
     import regex
-    from ldm.text_encoder import open_clip_tokenizer
     return open_clip_tokenizer().SimpleTokenizer(), regex.compile(_SPLIT, regex.IGNORECASE)
 
 

@@ -42,6 +42,17 @@ def open_clip_tokenizer():
     return module
 
 
+def normal_(t: torch.Tensor, std: float = 1.0) -> torch.Tensor:
+    """``nn.init.normal_``, skipped on the meta device: there torch runs it through its reference ops,
+    which import torch._dynamo (about a second of start-up) for values that loading replaces anyway."""
+    return t if t.is_meta else nn.init.normal_(t, std=std)
+
+
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(num, dim)`` with torch's N(0, 1) init, none on the meta device (see ``normal_``)."""
+    return nn.Embedding(num, dim, _weight=normal_(torch.empty(num, dim)))
+
+
 @dataclass(frozen=True)
 class TextConfig:
     width: int = 1024
@@ -115,10 +126,10 @@ class OpenCLIPText(nn.Module):
         self.transformer = nn.Module()
         self.transformer.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg.width, cfg.heads)
                                                    for _ in range(cfg.layers))
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.token_embedding = embedding(cfg.vocab_size, cfg.width)
         self.ln_final = nn.LayerNorm(cfg.width)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=cfg.width ** -0.5)
+        normal_(self.positional_embedding.data, std=0.01)
+        normal_(self.text_projection.data, std=cfg.width ** -0.5)
 
 
 class FrozenOpenCLIPEmbedder(nn.Module):

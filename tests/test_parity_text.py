@@ -24,6 +24,7 @@ from ldm.text_encoder import FrozenOpenCLIPEmbedder, TextConfig
 
 open_clip = pytest.importorskip("open_clip")
 
+SD1_TINY = os.path.join(ROOT, "configs", "tiny", "v1-tiny.yaml")
 TOL = 1e-4  # max|ours - open_clip| / max|open_clip|, fp32
 MODES = ["plain", "small_input", "small_norm_inputs"]
 PROMPTS = ["a professional photograph of an astronaut riding a horse", ""]
@@ -132,9 +133,14 @@ def test_arch_table_and_tokenizer_match_open_clip_without_importing_it():
         TextConfig.from_params({"arch": "ViT-nonesuch"})
     prompts = PROMPTS + ["Naïve café &amp; <b>HTML</b>, emoji 🐈 and   spaces", "x " * 100, "A photo!!"]
     assert torch.equal(open_clip_tokenizer().tokenize(prompts, context_length=77), open_clip.tokenize(prompts))
-    code = ("import sys; from ldm.checkpoint import load_config; from ldm.text_encoder import open_clip_tokenizer; "
-            f"load_config({SD2!r}); open_clip_tokenizer().tokenize(['a'], context_length=77); "
-            "print(sorted(m for m in ('open_clip', 'torchvision', 'timm') if m in sys.modules))")
+    # nor torch._dynamo, which nn.init on the meta device imported (a second more)
+    code = ("import sys, torch; from ldm.checkpoint import load_config; from ldm.latent_diffusion import model_class; "
+            "from ldm.text_encoder import open_clip_tokenizer\n"
+            f"for path in ({SD2!r}, {SD1_TINY!r}):\n"
+            "    cfg = load_config(path)\n"
+            "    with torch.device('meta'): model_class(cfg)(cfg)\n"
+            "open_clip_tokenizer().tokenize(['a'], context_length=77)\n"
+            "print(sorted(m for m in ('open_clip', 'torchvision', 'timm', 'torch._dynamo') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
