@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--ladder_steps", type=int, default=None, help="only the first K steps of the ladder")
     r.add_argument("--ladder_only", default=None, metavar="K,K,...",
                    help="run only these ladder steps (each still with every earlier step's flags): "
-                        "split a long ladder over several sessions")
+                        "split a long ladder over several sessions, each with its own --name")
     r.add_argument("--ladder_dtype", choices=["bf16", "fp16"], default="bf16",
                    help="the reduced precision of the ladder's step 1")
     r.add_argument("--no_peer", action="store_true", help="the ladder without diffusers' H configurations")

@@ -162,6 +162,28 @@ def nbytes(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
     return sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
 
 
+def check_disk(path: str, need: int) -> None:
+    """One-line CheckpointError when the folder of ``path`` has less than ``need`` bytes free."""
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise CheckpointError(f"not enough disk space for {path}: it needs about {need / 1e9:.1f} GB, "
+                              f"{free / 1e9:.1f} GB are free in {folder}")
+
+
+def _disk_full(e: BaseException, folder: str) -> bool:
+    """Whether ``e`` says the disk filled up: ENOSPC, or torch.save's RuntimeError for a failed write
+    ("unexpected pos", "file write failed") with almost nothing left free."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    if not (isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "file write failed" in str(e))):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < 16 * 2**20
+    except OSError:
+        return False
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO, str], None], need: int = 0) -> int:
     """Run ``write(file, temp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
 
@@ -170,12 +192,9 @@ def atomic_write(path: str, write: Callable[[BinaryIO, str], None], need: int = 
     against the free disk space first, and a full disk is reported in one line either way.
     Returns the bytes written.
     """
+    check_disk(path, need)
     folder, name = os.path.split(os.path.abspath(path))
     stem, suffix = os.path.splitext(name)
-    free = shutil.disk_usage(folder).free
-    if need > free:
-        raise CheckpointError(f"not enough disk space for {path}: it needs about {need / 1e9:.1f} GB, "
-                              f"{free / 1e9:.1f} GB are free in {folder}")
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.partial-", suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -189,9 +208,7 @@ def atomic_write(path: str, write: Callable[[BinaryIO, str], None], need: int = 
         os.replace(tmp, path)
         return size
     except BaseException as e:
-        # torch.save reports a full disk as a RuntimeError ("unexpected pos"): judge by the space left
-        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC
-                or isinstance(e, RuntimeError) and shutil.disk_usage(folder).free < 16 * 2**20)
+        full = _disk_full(e, folder)  # before the partial file is removed and its space freed
         if os.path.exists(tmp):
             os.remove(tmp)
         if full:

@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +34,14 @@ def open_clip_file(*parts: str) -> str:
 def open_clip_tokenizer():
     """open_clip's ``tokenizer`` module (``tokenize``, ``SimpleTokenizer``) loaded on its own: the file
     imports no other part of open_clip. Falls back to the package import if a later version does."""
-    spec = importlib.util.spec_from_file_location("ldm_open_clip_tokenizer", open_clip_file("tokenizer.py"))
+    name = "ldm_open_clip_tokenizer"
+    spec = importlib.util.spec_from_file_location(name, open_clip_file("tokenizer.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would: its objects pickle, its functions find their module
     try:
         spec.loader.exec_module(module)
     except ImportError:
+        del sys.modules[name]
         import open_clip.tokenizer as module
     return module
 
@@ -75,7 +79,7 @@ class TextConfig:
         shape = {}
         if arch != "custom":
             path = open_clip_file("model_configs", f"{arch}.json")
-            if not os.path.isfile(path):
+            if os.path.basename(arch) != arch or arch.startswith(".") or not os.path.isfile(path):
                 raise ValueError(f"FrozenOpenCLIPEmbedder: unknown open_clip arch {arch!r}")
             with open(path, encoding="utf-8") as f:
                 mc = json.load(f)

@@ -7,13 +7,15 @@
     python scripts/make_random_checkpoint.py /tmp/sd1_random.ckpt --model sd1                    # full SD1, 4.3 GB
 
 The model is built on the meta device (no memory), and each tensor is drawn from its own generator
-(seeded by --seed and the tensor's name). A .safetensors file in the original layout and float32 is
-streamed to disk, one tensor in memory at a time. Other outputs (.ckpt, --layout native_mha, --dtype)
-are assembled in memory first (as much RAM as the file's size: 5.2 GB for a float32 SD2), then
-written, so the disk never holds more than the file itself. Same --seed, same weights, whatever the
-layout, dtype or format; the noise-schedule buffers hold their real values. SD 1.x files (a CLIP text
-encoder) also get the ``...embeddings.position_ids`` buffer (int64 arange) that the released SD 1.x
-checkpoints carry. Errors (a full disk, a bad suffix) are one line and exit 1; nothing half-written is left.
+(seeded by --seed and the tensor's name). A .safetensors file in the original layout is streamed to
+disk, one tensor in memory at a time. Other outputs (.ckpt, --layout native_mha) are assembled in
+memory first, each tensor cast (--dtype) as it is drawn, so RAM peaks near the file's size (5.2 GB for a
+float32 SD2), then written once: the disk never holds more than the file itself, and its free space is
+checked before anything is drawn. Same --seed, same weights, whatever the layout, dtype or format; the
+noise-schedule buffers hold their real values. SD 1.x files (a CLIP text encoder) also get the
+``...embeddings.position_ids`` buffer (int64 arange) that the released SD 1.x checkpoints carry.
+Errors are one line: exit 2 for a bad command line (suffix, missing folder), 1 otherwise (a full
+disk); nothing half-written is left.
 """
 
 import argparse
@@ -30,8 +32,8 @@ import torch
 
 from ldm.checkpoint import CLIP_POSITION_IDS, CheckpointError, load_config, to_native, to_original
 from ldm.clip_text import FrozenCLIPEmbedder
-from ldm.convert import (DTYPES, SD1_CONFIG, SD2_CONFIG, atomic_write, nbytes, output_format, target_dtype,
-                         write_safetensors)
+from ldm.convert import (DTYPES, SD1_CONFIG, SD2_CONFIG, UsageError, atomic_write, check_disk, nbytes, output_format,
+                         target_dtype, write_safetensors)
 from ldm.latent_diffusion import LatentDiffusion
 
 CONFIGS = {"sd2": SD2_CONFIG, "sd1": SD1_CONFIG}  # --model -> full-size yaml
@@ -62,16 +64,17 @@ def make_random_checkpoint(out: str, config: str = SD2_CONFIG, layout: str = "or
         t = sd.pop(name)
         return random_tensor(name, specs[name][1], seed) if t.is_meta else t
 
+    cast = DTYPES.get(dtype)
+    final = {k: (target_dtype(k, v, cast), tuple(v.shape)) for k, v in sd.items()}
+    check_disk(out, nbytes(final))  # before minutes of drawing (native adds only small zero biases)
     metadata = {"format": "pt", "layout": layout, "seed": str(seed)}
-    if fmt == "safetensors" and layout == "original" and dtype is None:
-        atomic_write(out, lambda f, _tmp: write_safetensors(f, specs, produce, metadata, progress), nbytes(specs))
+    if fmt == "safetensors" and layout == "original":  # streamed: one tensor in memory at a time
+        atomic_write(out, lambda f, _tmp: write_safetensors(f, final, lambda k: produce(k).to(final[k][0]),
+                                                             metadata, progress))
         return
-    sd = {k: produce(k) for k in specs}
+    sd = {k: produce(k).to(final[k][0]) for k in specs}  # cast as drawn: RAM peaks near the file's size
     if layout == "native_mha":
         sd = to_native(sd)
-    cast = DTYPES.get(dtype)
-    for k, v in sd.items():
-        sd[k] = v.to(target_dtype(k, v, cast))
     specs = {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()}
     if fmt == "safetensors":
         atomic_write(out, lambda f, _tmp: write_safetensors(f, specs, sd.pop, metadata, progress), nbytes(specs))
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                                progress=False if args.quiet else None)
     except (CheckpointError, OSError) as e:
         print(f"make_random_checkpoint: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 1e9:.2f} GB, {args.layout} layout, seed {args.seed})")
     return 0
 

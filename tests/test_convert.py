@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import builtins
+import errno
 import importlib.util
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -374,7 +376,7 @@ def test_random_checkpoint_is_seeded_and_layouts_agree(make_random, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors", "c.safetensors", "n.ckpt"]
 
 
-def test_random_checkpoint_dtype_and_native_safetensors(make_random, tmp_path):
+def test_random_checkpoint_dtype_and_native_safetensors(make_random, tmp_path, monkeypatch):
     """--dtype and --layout native_mha to .safetensors: the cast of the same seeded weights, buffers kept float32."""
     make_random(str(tmp_path / "a.safetensors"), TINY, seed=3, progress=False)
     make_random(str(tmp_path / "h.safetensors"), TINY, layout="native_mha", dtype="fp16", seed=3, progress=False)
@@ -385,13 +387,23 @@ def test_random_checkpoint_dtype_and_native_safetensors(make_random, tmp_path):
     for k, v in native.items():
         want = v if k in BUFFER_NAMES or not v.is_floating_point() else v.half()
         assert h[k].dtype == want.dtype and torch.equal(h[k], want), k
-    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "h.safetensors"]  # nothing staged is left
+    make_random(str(tmp_path / "h.ckpt"), TINY, layout="native_mha", dtype="fp16", seed=3, progress=False)
+    make_random(str(tmp_path / "o.safetensors"), TINY, dtype="bf16", seed=3, progress=False)  # streamed and cast
+    hc, _ = read_checkpoint(tmp_path / "h.ckpt")
+    o, _ = read_checkpoint(tmp_path / "o.safetensors")
+    assert set(hc) == set(h) and all(hc[k].dtype == h[k].dtype and torch.equal(hc[k], h[k]) for k in h)
+    assert set(o) == set(a) and all(torch.equal(o[k], a[k] if k in BUFFER_NAMES or not a[k].is_floating_point()
+                                                else a[k].bfloat16()) for k in a)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage._replace(free=1000))
+    monkeypatch.setitem(make_random.__globals__, "random_tensor", lambda *a: pytest.fail("drew before the disk check"))
+    with pytest.raises(CheckpointError, match="not enough disk space"):
+        make_random(str(tmp_path / "big.ckpt"), TINY, seed=3, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "h.ckpt", "h.safetensors", "o.safetensors"]
 
 
 def test_atomic_write_refuses_a_full_disk(tmp_path, monkeypatch):
     """Too little free space: one-line error before writing; ENOSPC half-way: one line, no partial file."""
-    import errno
-    import shutil
     from ldm.convert import atomic_write
     target = tmp_path / "out.ckpt"
     free = shutil.disk_usage(tmp_path).free
@@ -408,10 +420,15 @@ def test_atomic_write_refuses_a_full_disk(tmp_path, monkeypatch):
 
     def torch_save_full(f, _tmp):  # what torch.save raises on a full disk (seen on a 1 MB tmpfs)
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    def other_failure(f, _tmp):
+        raise RuntimeError("some other failure")
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage._replace(free=4096))
     with pytest.raises(CheckpointError, match="the disk filled up"):
         atomic_write(str(tmp_path / "full.ckpt"), torch_save_full)
+    with pytest.raises(RuntimeError, match="some other failure"):  # not a write failure: left as it is
+        atomic_write(str(tmp_path / "full.ckpt"), other_failure)
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage)
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with room left it is some other failure
         atomic_write(str(tmp_path / "full.ckpt"), torch_save_full)
@@ -420,11 +437,11 @@ def test_atomic_write_refuses_a_full_disk(tmp_path, monkeypatch):
 
 def test_make_random_checkpoint_errors_are_one_line(tmp_path, capsys):
     from helpers import script_main
-    assert script_main("make_random_checkpoint")([str(tmp_path / "x.txt"), "--config", TINY, "--quiet"]) == 1
+    assert script_main("make_random_checkpoint")([str(tmp_path / "x.txt"), "--config", TINY, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("make_random_checkpoint: error: unknown output suffix") and "\n" not in err
     start = time.perf_counter()  # a missing folder is refused before the weights are drawn
-    assert script_main("make_random_checkpoint")([str(tmp_path / "no" / "x.ckpt"), "--quiet"]) == 1
+    assert script_main("make_random_checkpoint")([str(tmp_path / "no" / "x.ckpt"), "--quiet"]) == 2
     assert time.perf_counter() - start < 5
     assert "output folder does not exist" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
