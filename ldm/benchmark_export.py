@@ -11,7 +11,7 @@ last one when the conditioning is the penultimate layer (23 of ViT-H-14's 24); S
 quick-GELU, and its tokenizer names the special tokens ``<|startoftext|>``/``<|endoftext|>`` and pads
 with the end token (49407), where SD 2's pads with "!" (id 0) as open_clip pads with 0. An export folder
 holds ``unet.pt``, ``vae.pt``, ``text_encoder.pt``, the tokenizer files and ``configs.json`` (written
-last: it marks a finished export). diffusers, transformers and open_clip are imported inside functions.
+last: it marks a finished export). diffusers, transformers and open_clip's tokenizer are loaded inside functions.
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ def write_tokenizer(out_dir: str, kind: str = "sd2") -> None:
     The ids are CLIP's either way; SD 1's (OpenAI's) vocabulary spells the special tokens ``<|startoftext|>``
     and ``<|endoftext|>`` where open_clip's spells them ``<start_of_text>`` and ``<end_of_text>``.
     """
-    from open_clip.tokenizer import SimpleTokenizer
-    tok = SimpleTokenizer()
+    from ldm.text_encoder import open_clip_tokenizer
+    tok = open_clip_tokenizer().SimpleTokenizer()
     vocab = dict(tok.encoder)
     if kind == "sd1":
         vocab = {OPENAI_SPECIALS.get(k, k): v for k, v in vocab.items()}
