@@ -1,4 +1,13 @@
-# Shim for tools that still call setup.py; the metadata lives in pyproject.toml.
-from setuptools import setup
+"""Packages for setuptools; the metadata lives in pyproject.toml.
 
-setup()
+The yamls stay in the checkout's top-level ``configs/`` (where users and the original's command lines expect
+them) and are mapped into the wheel as ``ldm/configs``, where ``ldm.model.presets.config_file`` finds them.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    # configs/tiny is a valid package name and configs/stable-diffusion is not: both are listed as data
+    packages=find_packages(include=["ldm", "ldm.*"]) + ["ldm.configs", "ldm.configs.tiny"],
+    package_dir={"ldm.configs": "configs"},
+    package_data={"ldm.configs": ["stable-diffusion/*.yaml"], "ldm.configs.tiny": ["*.yaml"]},
+)

@@ -4,7 +4,7 @@
     python scripts/bench_compile_cache.py --config configs/stable-diffusion/v2-inference.yaml --latent 32 --batch 2
 
 Each run is a fresh process that builds the UNet (random weights), compiles it with
-``ldm.runtime.compile_module`` (what ``compile_unet`` installs) and times the first call, which is
+``ldm.speed.runtime.compile_module`` (what ``compile_unet`` installs) and times the first call, which is
 where compilation happens. The first run gets an empty cache directory (``TORCHINDUCTOR_CACHE_DIR``
 and ``TRITON_CACHE_DIR``, set for the child processes only); the next ``--warm`` runs reuse it.
 CPU seconds (this process and its waited-for children, e.g. the C++ compiler) are reported next to
@@ -32,9 +32,9 @@ def child(opt: argparse.Namespace) -> dict:
     """Build, compile and call the UNet once in this process; return the timings and cache counters."""
     import torch
     from torch._dynamo.utils import counters
-    from ldm import runtime
-    from ldm.checkpoint import load_config
-    from ldm.unet import UNetModel
+    from ldm.speed import runtime
+    from ldm.model.presets import load_config
+    from ldm.model.unet import UNetModel
 
     device = runtime.pick_device(opt.device)
     dtype = runtime.DTYPES[opt.dtype]
@@ -83,7 +83,7 @@ def run_child(opt: argparse.Namespace, cache_dir: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=TINY, help="yaml whose unet_config is built (random weights)")
-    p.add_argument("--mode", default="default", help="compile mode (ldm.runtime.COMPILE_MODES)")
+    p.add_argument("--mode", default="default", help="compile mode (ldm.speed.runtime.COMPILE_MODES)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--batch", type=int, default=2)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     opt = p.parse_args(argv)
     sys.path.insert(0, ROOT)
-    from ldm.runtime import COMPILE_MODES
+    from ldm.speed.runtime import COMPILE_MODES
     if opt.mode not in COMPILE_MODES:
         p.error(f"--mode {opt.mode!r}: choose one of {', '.join(COMPILE_MODES)}")
     if not os.path.isfile(opt.config):

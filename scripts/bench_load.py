@@ -2,7 +2,7 @@
 
     python scripts/bench_load.py --ckpt /tmp/sd2.ckpt --ckpt /tmp/sd2.safetensors [--config ...]
 
-Each measurement runs in a fresh process. "fast" is ``ldm.checkpoint.load_model`` (meta-device build,
+Each measurement runs in a fresh process. "fast" is ``ldm.weights.loading.load_model`` (meta-device build,
 mmap'd weights_only read, strict load with assign=True); "plain" is what the original txt2img does
 (build with random init, torch.load, load_state_dict). "ready" adds one small forward pass of the
 text encoder, UNet and VAE decoder, which touches every weight (mmap'd pages are read lazily).
@@ -28,7 +28,7 @@ def child(mode: str, config: str, ckpt: str) -> dict:
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     if mode == "fast":
-        from ldm.checkpoint import load_model
+        from ldm.weights.loading import load_model
         model, _ = load_model(config, ckpt)
     else:
         from omegaconf import OmegaConf

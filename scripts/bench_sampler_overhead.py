@@ -20,7 +20,7 @@ import torch
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.schedule import make_betas, schedule_buffers
+from ldm.model.schedule import make_betas, schedule_buffers
 
 
 class TrivialModel:

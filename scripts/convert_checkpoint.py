@@ -1,20 +1,16 @@
 #!/usr/bin/env python
-"""Convert a Stable Diffusion checkpoint to the native-MHA layout (and back); see ``ldm.convert``.
+"""Convert a Stable Diffusion checkpoint to the native-MHA layout (and back).
 
-    python scripts/convert_checkpoint.py checkpoints/v2-1_512-ema-pruned.ckpt /tmp/model_native_mha.ckpt
-    python scripts/convert_checkpoint.py model.ckpt model_native_mha.safetensors --dtype fp16 --check
-    python scripts/convert_checkpoint.py model_native_mha.ckpt model.ckpt --to original
+The code is ``ldm.apps.convert``; installed, the same command is ``ldm-convert``. Run from a checkout, this checkout's
+``ldm`` is imported.
 """
 
 import os
 import sys
 
-try:
-    import ldm  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.convert import main
+from ldm.apps.convert import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,135 +1,16 @@
+#!/usr/bin/env python
 """Image-to-image with the original img2img.py command line, plus the PyTorch 2 blog's speed flags.
 
-    python scripts/img2img.py --prompt "A fantasy landscape" --init-img sketch.png --strength 0.75 \
-        --config configs/stable-diffusion/v2-inference.yaml --ckpt /tmp/v2-1_512-ema-pruned.ckpt
-
-The init image shrinks to a multiple of 64 per side (LANCZOS), is encoded by the VAE, noised to step
-int(strength * steps) and denoised from there (DDIM by default; --plms/--dpm start partway too).
-Errors are one line on stderr and exit 1 (``--debug`` shows the traceback); PNGs are written atomically.
+The code is ``ldm.apps.img2img``; installed, the same command is ``ldm-img2img``. Run from a checkout, this checkout's
+``ldm`` is imported.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.cli import (UserError, add_model_args, add_speed_args, build_model, check_model_args, guarded,  # noqa: E402
-                     make_sampler, optimize, print_summary, read_prompts, sample_and_save, setup)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar")
-    p.add_argument("--init-img", type=str, nargs="?", help="path to the input image")
-    p.add_argument("--negative_prompt", type=str, default="", help="the unconditional prompt of classifier-free guidance")
-    p.add_argument("--outdir", type=str, nargs="?", default="outputs/img2img-samples")
-    p.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=int, default=50, help="number of sampling steps")
-    p.add_argument("--plms", action="store_true", help="use PLMS sampling")
-    p.add_argument("--dpm", action="store_true", help="use the DPM-Solver++ (2M) sampler")
-    p.add_argument("--fixed_code", action="store_true", help="the same noise for every iteration")
-    p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--n_iter", type=int, default=1, help="sample this often")
-    p.add_argument("--C", type=int, default=4, help="latent channels (checked against the model)")
-    p.add_argument("--f", type=int, default=8, help="downsampling factor of the VAE (checked against the model)")
-    p.add_argument("--n_samples", type=int, default=2, help="batch size: samples per prompt")
-    p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
-    p.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale")
-    p.add_argument("--strength", type=float, default=0.8,
-                   help="noising strength in [0, 1]: 1.0 all but destroys the init image")
-    p.add_argument("--from-file", type=str, help="read prompts from this file, one per line")
-    add_model_args(p)
-    add_speed_args(p)
-    return p.parse_args(argv)
-
-
-def check_args(opt: argparse.Namespace) -> None:
-    """Reject bad flags before anything is loaded."""
-    if opt.plms and opt.dpm:
-        raise UserError("--plms and --dpm are conflicting sampler flags; pick one (DDIM without either)")
-    if (opt.plms or opt.dpm) and opt.ddim_eta != 0:
-        raise UserError("--ddim_eta is a DDIM option; it must be 0 with --plms/--dpm")
-    for name in ("ddim_steps", "n_iter", "n_samples", "f", "C"):
-        if getattr(opt, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
-    if not 0.0 <= opt.strength <= 1.0:
-        raise UserError(f"--strength {opt.strength} must be in [0, 1]")
-    if not opt.init_img:
-        raise UserError("--init-img is required: the image to start from")
-    if not os.path.isfile(opt.init_img):
-        raise UserError(f"init image not found: {opt.init_img}")
-    check_model_args(opt)
-
-
-def run(opt: argparse.Namespace) -> dict:
-    """Load, encode the init image, (compile,) sample, decode and save; returns the timing summary."""
-    import torch
-    from ldm import images, pipelines, runtime
-
-    rt = setup(opt)
-    device, dtype = rt.device, rt.dtype
-    batches = read_prompts(opt)
-    init_image = pipelines.load_init_image(opt.init_img)  # (1, 3, H, W): read before the model loads
-    height, width = init_image.shape[-2:]
-    print(f"loaded input image of size ({width}, {height}) from {opt.init_img}", file=sys.stderr)
-
-    model, model_name = build_model(opt, rt)
-    if model.cfg.conditioning_key != "crossattn":
-        raise UserError("img2img needs a text-to-image model; this is an inpainting model (use scripts/inpaint.py)")
-    name = "plms" if opt.plms else "dpm" if opt.dpm else "ddim"
-    sampler, sampler_name = make_sampler(name, model, device)
-    print("speed: " + ", ".join(optimize(opt, model, rt)), file=sys.stderr)
-
-    sample_dir = os.path.join(opt.outdir, "samples")
-    os.makedirs(sample_dir, exist_ok=True)
-    gen = torch.Generator(device).manual_seed(opt.seed)
-    t_enc = pipelines.strength_to_steps(opt.strength, opt.ddim_steps)
-    print(f"target t_enc is {t_enc} of {opt.ddim_steps} steps", file=sys.stderr)
-
-    with torch.no_grad(), runtime.attention_scope(rt.backends), runtime.precision_scope(rt.precision, device, dtype):
-        init_latent = pipelines.encode_image(model, init_image.expand(opt.n_samples, -1, -1, -1), gen)
-        if tuple(init_latent.shape[1:]) != (opt.C, height // opt.f, width // opt.f):
-            raise UserError(f"--C {opt.C} --f {opt.f} do not match the model: its latents are "
-                            f"{tuple(init_latent.shape[1:])} for a {width}x{height} image")
-        shape = tuple(init_latent.shape)
-
-        def noise(n: int):
-            return torch.randn(shape, generator=gen, device=device)[:n]
-
-        def generate(prompts: list[str], eps):
-            n = len(prompts)
-            uc = None if opt.scale == 1.0 else model.get_learned_conditioning(n * [opt.negative_prompt])
-            c = model.get_learned_conditioning(prompts)
-            samples = pipelines.img2img(sampler, init_latent[:n], c, uc, opt.scale, opt.ddim_steps, opt.strength,
-                                        opt.ddim_eta, gen, noise=eps)
-            return images.to_uint8(model.decode_first_stage(samples))
-
-        def caption(prompt: str, **fields) -> str:
-            return images.parameters_text(prompt, opt.negative_prompt, opt.ddim_steps, sampler_name, opt.scale,
-                                          opt.seed, width, height, model_name,
-                                          **{"Denoising strength": opt.strength, **fields})
-
-        return sample_and_save(opt, batches, gen, noise, generate, caption, dtype)
-
-
-def main(argv: list[str] | None = None) -> int:
-    opt = parse_args(argv)
-    return guarded(opt, lambda: _main(opt))
-
-
-def _main(opt: argparse.Namespace) -> int:
-    check_args(opt)
-    if opt.demo:
-        print("--demo: a tiny model with RANDOM weights; the image will be noise. "
-              "It checks the pipeline, not the picture.", file=sys.stderr)
-    summary = run(opt)
-    print_summary(opt, summary)
-    return 0
-
+from ldm.apps.img2img import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,136 +1,16 @@
+#!/usr/bin/env python
 """Text-to-image with the original txt2img.py command line, plus the PyTorch 2 blog's speed flags.
 
-    python scripts/txt2img.py --prompt "A photo" --seed 1 --plms \
-        --config configs/stable-diffusion/v2-inference_native_mha.yaml --ckpt /tmp/model_native_mha.ckpt \
-        --n_iter 2 --n_samples 1 --compile --skip_first
-
-Flags parse here; the work is done by the ldm package. Errors are one line on stderr and exit 1
-(``--debug`` shows the traceback); image files are written atomically, so none is ever partial.
+The code is ``ldm.apps.txt2img``; installed, the same command is ``ldm-txt2img``. Run from a checkout, this checkout's
+``ldm`` is imported.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.cli import (UserError, add_model_args, add_speed_args, build_model, check_latent_size, check_model_args, guarded,  # noqa: E402
-                     make_sampler, native_size, optimize, print_summary, read_prompts, sample_and_save, setup)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--prompt", type=str, nargs="?", default="a professional photograph of an astronaut riding a triceratops")
-    p.add_argument("--negative_prompt", type=str, default="", help="the unconditional prompt of classifier-free guidance")
-    p.add_argument("--outdir", type=str, nargs="?", default="outputs/txt2img-samples")
-    p.add_argument("--steps", type=int, default=50, help="number of sampling steps")
-    p.add_argument("--plms", action="store_true", help="use PLMS sampling")
-    p.add_argument("--dpm", action="store_true", help="use the DPM-Solver++ (2M) sampler")
-    p.add_argument("--fixed_code", action="store_true", help="the same starting code for every iteration")
-    p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--n_iter", type=int, default=3, help="sample this often")
-    p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's native size, 768 for SD 2 768-v, 512 otherwise, 64 with --demo)")
-    p.add_argument("--W", type=int, default=None, help="image width in pixels (default: as --H)")
-    p.add_argument("--C", type=int, default=4, help="latent channels")
-    p.add_argument("--f", type=int, default=8, help="downsampling factor of the VAE")
-    p.add_argument("--n_samples", type=int, default=3, help="batch size: samples per prompt")
-    p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
-    p.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale")
-    p.add_argument("--from-file", type=str, help="read prompts from this file, one per line")
-    p.add_argument("--repeat", type=int, default=1, help="repeat each prompt of --from-file this often")
-    p.add_argument("--torchscript", action="store_true", help="not supported: use --compile")
-    p.add_argument("--ipex", action="store_true", help="not supported: use --compile")
-    add_model_args(p)
-    add_speed_args(p)
-    return p.parse_args(argv)
-
-
-def check_args(opt: argparse.Namespace) -> None:
-    """Reject bad combinations before anything is loaded."""
-    if opt.torchscript or opt.ipex:
-        raise UserError("--torchscript/--ipex are not supported here; use --compile (torch.compile of the UNet)")
-    if opt.plms and opt.dpm:
-        raise UserError("--plms and --dpm are conflicting sampler flags; pick one (DDIM without either)")
-    if opt.plms and opt.ddim_eta != 0:
-        raise UserError("PLMS is deterministic: --ddim_eta must be 0 with --plms")
-    for name in ("steps", "n_iter", "n_samples", "f", "C", "repeat"):
-        if getattr(opt, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
-    check_size(opt)
-    check_model_args(opt)
-
-
-def check_size(opt: argparse.Namespace) -> None:
-    for name in ("H", "W"):
-        v = getattr(opt, name)
-        if v is None:
-            continue
-        if v < 8 or v % 8 or v % opt.f:
-            raise UserError(f"--{name} {v} must be a positive multiple of 8 and of the latent factor --f {opt.f}")
-
-
-def run(opt: argparse.Namespace) -> dict:
-    """Load, (compile,) sample, decode and save; returns the timing summary."""
-    import torch
-    from ldm import images, runtime
-
-    rt = setup(opt)
-    device, dtype = rt.device, rt.dtype
-    batches = read_prompts(opt)
-
-    model, model_name = build_model(opt, rt)
-    sampler, sampler_name = make_sampler("plms" if opt.plms else "dpm" if opt.dpm else "ddim", model, device)
-    if opt.H is None or opt.W is None:
-        size = native_size(model, opt.demo)
-        opt.H = opt.H or opt.W or size  # a side not given follows the other, else the model's native size
-        opt.W = opt.W or opt.H
-        print(f"--H/--W not given: {opt.H}x{opt.W} (this model's native size is {size})", file=sys.stderr)
-        check_size(opt)
-    check_latent_size(model, opt.H, opt.W, opt.f)
-    print("speed: " + ", ".join(optimize(opt, model, rt)), file=sys.stderr)
-
-    sample_dir = os.path.join(opt.outdir, "samples")
-    os.makedirs(sample_dir, exist_ok=True)
-    shape = [opt.C, opt.H // opt.f, opt.W // opt.f]
-    gen = torch.Generator(device).manual_seed(opt.seed)
-
-    def start_code(n):
-        return torch.randn([n, *shape], generator=gen, device=device)
-
-    def generate(prompts, x_T):
-        uc = None if opt.scale == 1.0 else model.get_learned_conditioning(len(prompts) * [opt.negative_prompt])
-        c = model.get_learned_conditioning(prompts)
-        samples, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=len(prompts), shape=shape,
-                                    verbose=True, unconditional_guidance_scale=opt.scale,
-                                    unconditional_conditioning=uc, eta=opt.ddim_eta, x_T=x_T, generator=gen)
-        return images.to_uint8(model.decode_first_stage(samples))
-
-    def caption(prompt: str, **fields) -> str:
-        return images.parameters_text(prompt, opt.negative_prompt, opt.steps, sampler_name, opt.scale, opt.seed,
-                                      opt.W, opt.H, model_name, **fields)
-
-    with torch.no_grad(), runtime.attention_scope(rt.backends), runtime.precision_scope(rt.precision, device, dtype):
-        return sample_and_save(opt, batches, gen, start_code, generate, caption, dtype)
-
-
-def main(argv: list[str] | None = None) -> int:
-    opt = parse_args(argv)
-    return guarded(opt, lambda: _main(opt))
-
-
-def _main(opt: argparse.Namespace) -> int:
-    check_args(opt)
-    if opt.demo:
-        print("--demo: a tiny model with RANDOM weights; the image will be noise. "
-              "It checks the pipeline, not the picture.", file=sys.stderr)
-    summary = run(opt)
-    print_summary(opt, summary)
-    return 0
-
+from ldm.apps.txt2img import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ldm.attention import CrossAttention
+from ldm.model.attention import CrossAttention
 
 NORMS = (nn.GroupNorm, nn.LayerNorm)
 

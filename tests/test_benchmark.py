@@ -1,4 +1,4 @@
-"""The benchmark harness (ldm.benchmark) end to end on the tiny config, and its pieces.
+"""The benchmark harness (ldm.benchmark.harness) end to end on the tiny config, and its pieces.
 
 The end-to-end runs start fresh processes per run, as the harness does, so they are small: N=1, 64x64,
 2 PLMS steps, one CPU thread per run (two threads on a shared two-core machine can be 100x slower).
@@ -14,10 +14,10 @@ import statistics
 import pytest
 import torch
 
-from conftest import TINY
-from ldm import benchmark, benchmark_report
-from ldm.benchmark_measure import estimate_peak_bytes
-from ldm.benchmark_unet import largest_fit
+from conftest import ROOT, TINY
+from ldm.benchmark import harness as benchmark, report as benchmark_report
+from ldm.benchmark.measure import estimate_peak_bytes
+from ldm.benchmark.unet import largest_fit
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -158,8 +158,8 @@ def test_peer_matches_ours(cache):
     """diffusers' pipeline, converted by the harness, samples the same latents and images from the same noise."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from ldm.benchmark_export import cached_export
-    from ldm.benchmark_peer import check
+    from ldm.benchmark.export import cached_export
+    from ldm.benchmark.peer import check
     config, ckpt, _ = benchmark.prepare_model(benchmark.parse_args(["--random", "tiny", "--cache_dir", str(cache)]))
     errors = check(config, ckpt, cached_export(config, ckpt, str(cache)), steps=4, size=64)
     assert errors["text"] < 1e-5 and errors["latents"] < 1e-4 and errors["images"] < 1e-4, errors
@@ -172,9 +172,9 @@ def test_peer_pipeline_with_cloned_unet_outputs(cache):
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     from torch import nn
-    from ldm.benchmark_export import cached_export
-    from ldm.benchmark_peer import build_pipeline, generate
-    from ldm.runtime import CloneOutput
+    from ldm.benchmark.export import cached_export
+    from ldm.benchmark.peer import build_pipeline, generate
+    from ldm.speed.runtime import CloneOutput
 
     class ReplayLike(nn.Module):
         def __init__(self, unet):
@@ -237,9 +237,9 @@ def test_largest_fit_binary_search():
 
 def test_memory_estimate_math_is_quadratic_sdpa_is_not():
     """Fake-tensor estimate: 2x the side is 16x the math path's (B, heads, T, T) scores, not the fused kernel's."""
-    from ldm.attention import set_attention_backend
-    from ldm.checkpoint import load_config
-    from ldm.unet import UNetModel
+    from ldm.model.attention import set_attention_backend
+    from ldm.model.presets import load_config
+    from ldm.model.unet import UNetModel
     cfg = load_config(TINY).unet
 
     def activations(backend: str, side: int) -> int:
@@ -260,7 +260,7 @@ def test_memory_estimate_math_is_quadratic_sdpa_is_not():
 
 
 def test_ladder_adds_one_technique_per_step():
-    from ldm.benchmark_ladder import cumulative, steps, table
+    from ldm.benchmark.ladder import cumulative, steps, table
     ladder = steps("bf16")
     flags = cumulative(ladder)
     ours = [set(" ".join(f[0]).replace("--dtype fp32", "dtype=fp32").replace("--dtype bf16", "dtype=bf16").split())
@@ -295,7 +295,7 @@ def test_ladder_configs_interleave_ours_and_peer():
 
 
 def test_ladder_only_runs_the_chosen_steps_with_every_earlier_flag(capsys):
-    from ldm.benchmark_ladder import cumulative, steps
+    from ldm.benchmark.ladder import cumulative, steps
     opt = benchmark.parse_args(["--random", "tiny", "--ladder", "--no_peer", "--ladder_only", "6,2"])
     configs = benchmark.select_configs(opt)[0]
     full = cumulative(steps())
@@ -311,7 +311,7 @@ def test_ladder_only_runs_the_chosen_steps_with_every_earlier_flag(capsys):
 def test_compile_notes_compare_each_compiled_row_with_its_eager_counterpart():
     pytest.importorskip("diffusers")  # P and PC are dropped without the peer
     pytest.importorskip("transformers")
-    from ldm.benchmark_runs import compile_notes, eager_counterpart
+    from ldm.benchmark.runs import compile_notes, eager_counterpart
     ladder, _ = benchmark.select_configs(benchmark.parse_args(["--random", "tiny", "--ladder", "--no_peer"]))
     assert {c.key: eager_counterpart(c, ladder) for c in ladder[5:]} == {"S5": "S4", "S6": "S4", "S7": "S4"}
     blog, _ = benchmark.select_configs(benchmark.parse_args(["--random", "tiny", "--configs", "D,E,P,PC"]))
@@ -338,10 +338,10 @@ def test_peer_matches_ours_sd1_tiny(cache):
     pytest.importorskip("transformers")
     import json
     import os
-    from ldm.benchmark_export import cached_export, load_tokenizer
-    from ldm.benchmark_peer import check
-    from ldm.checkpoint import load_config
-    from ldm.clip_text import tokenize
+    from ldm.benchmark.export import cached_export, load_tokenizer
+    from ldm.benchmark.peer import check
+    from ldm.model.presets import load_config
+    from ldm.model.clip import tokenize
     config, ckpt = random_model(cache, "sd1-tiny")
     weights = cached_export(config, ckpt, str(cache))
     with open(os.path.join(weights, "configs.json"), encoding="utf-8") as f:
@@ -366,8 +366,8 @@ def test_peer_matches_ours_sd2_v_tiny(cache):
     would combine v's across steps: 0.29 apart after 4 steps)."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from ldm.benchmark_export import cached_export
-    from ldm.benchmark_peer import check
+    from ldm.benchmark.export import cached_export
+    from ldm.benchmark.peer import check
     config, ckpt = random_model(cache, "tiny-v")
     errors = check(config, ckpt, cached_export(config, ckpt, str(cache)), steps=4, size=64)
     # measured: text 0, latents 6.2e-6, images 6.9e-6 (fp32 CPU)
@@ -379,7 +379,7 @@ def test_v_to_eps_closed_form():
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     from diffusers import PNDMScheduler
-    from ldm.benchmark_peer import v_to_eps
+    from ldm.benchmark.peer import v_to_eps
     sched = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
@@ -394,8 +394,8 @@ def test_unet_microbenchmark_inpainting_tiny(cache, tmp_path):
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     import json
-    from ldm import benchmark_unet
-    from ldm.benchmark_export import cached_export
+    from ldm.benchmark import unet as benchmark_unet
+    from ldm.benchmark.export import cached_export
     config, ckpt = random_model(cache, "tiny-inpainting")
     weights = cached_export(config, ckpt, str(cache))
     ours, _ = benchmark_unet.parse_args(["--config", config, "--ckpt", ckpt, "--stats", "x"])
@@ -424,9 +424,9 @@ def test_unet_microbenchmark_ladder_flags_keep_the_output(cache):
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     from diffusers.models.attention_processor import AttnProcessor
-    from ldm import benchmark_unet
-    from ldm.attention import CrossAttention
-    from ldm.benchmark_export import cached_export
+    from ldm.benchmark import unet as benchmark_unet
+    from ldm.model.attention import CrossAttention
+    from ldm.benchmark.export import cached_export
     config, ckpt = random_model(cache, "tiny")
     weights = cached_export(config, ckpt, str(cache))
     src = {"ours": ["--config", config, "--ckpt", ckpt], "peer": ["--peer", "--weights", weights]}
@@ -485,13 +485,13 @@ def test_harness_ladder_unet_only(tmp_path, cache):
 
 
 def test_ckpt_without_config_is_guessed(cache, capsys):
-    """--ckpt alone: the config comes from ldm.detect.guess_config, and the guess is printed."""
+    """--ckpt alone: the config comes from ldm.weights.detect.guess_config, and the guess is printed."""
     import os
     _, ckpt = random_model(cache, "sd1-tiny")
     capsys.readouterr()
     config, got, name = benchmark.prepare_model(benchmark.parse_args(["--ckpt", ckpt]))
     assert got == ckpt and name == "random-sd1-tiny-seed0-native_mha"
-    assert os.path.samefile(config, os.path.join(benchmark.ROOT, "configs", "tiny", "v1-tiny.yaml"))
+    assert os.path.samefile(config, os.path.join(ROOT, "configs", "tiny", "v1-tiny.yaml"))
     assert "detected tiny SD1-shaped test model" in capsys.readouterr().err
     _, ckpt_v = random_model(cache, "tiny-v")
     config, _, _ = benchmark.prepare_model(benchmark.parse_args(["--ckpt", ckpt_v]))

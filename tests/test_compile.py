@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import SD2
-from ldm.attention import set_attention_backend
+from ldm.model.attention import set_attention_backend
 
 
 def _inputs(context_dim: int, hw: int = 8, seed: int = 0):
@@ -53,7 +53,7 @@ def test_tiny_unet_has_no_graph_breaks(tiny_model, backend):
 
 @pytest.mark.slow
 def test_full_sd2_unet_has_no_graph_breaks():
-    from ldm.checkpoint import load_config
-    from ldm.unet import UNetModel
+    from ldm.model.presets import load_config
+    from ldm.model.unet import UNetModel
     unet = UNetModel(load_config(SD2).unet).eval()
     assert _graph_breaks(unet, *_inputs(1024, hw=8)) == (0, 1)

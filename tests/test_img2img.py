@@ -23,7 +23,7 @@ from PIL import Image
 from conftest import ROOT, TINY, build
 from helpers import script_main
 from test_samplers import ALPHA_BAR, T, GaussianData, ToyModel, diffusers_scheduler, flow_map, rel, toy_net
-from ldm import pipelines
+from ldm.apps import pipelines
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
@@ -171,7 +171,7 @@ def diffusers_unet(unet):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     from helpers import load_on_meta
-    from ldm.checkpoint import to_original
+    from ldm.weights.layout import to_original
     from test_parity_unet import diffusers_config
     config = diffusers_config(unet.cfg)
     original = {f"model.diffusion_model.{k}": v for k, v in to_original(unet.state_dict()).items()}
@@ -337,8 +337,8 @@ def test_encode_image_follows_offloaded_vae():
     """With model offload the UNet (model.device) may sit on the CPU while the VAE runs on the device: the
     image must go where the VAE's weights are (the meta device stands in for a GPU here)."""
     from conftest import TINY, build
-    from ldm import pipelines
-    from ldm.offload import enable_model_offload
+    from ldm.apps import pipelines
+    from ldm.speed.offload import enable_model_offload
     model = build(TINY)
     handle = enable_model_offload(model, "meta")
     z = pipelines.encode_image(model, torch.zeros(1, 3, 64, 64), torch.Generator().manual_seed(0))

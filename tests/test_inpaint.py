@@ -16,9 +16,10 @@ from PIL import Image
 
 from conftest import ROOT, TINY, build
 from helpers import rel_err, script_main
-from ldm import pipelines
-from ldm.checkpoint import load_config, load_model
-from ldm.latent_diffusion import LatentDiffusion, LatentInpaintDiffusion, inpaint_config
+from ldm.apps import pipelines
+from ldm.model.presets import load_config
+from ldm.weights.loading import load_model
+from ldm.model.diffusion import LatentDiffusion, LatentInpaintDiffusion, inpaint_config
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.samplers.guidance import CFGDenoiser
 
@@ -190,11 +191,7 @@ def test_configs():
 
 @pytest.mark.parametrize("layout", ["original", "native_mha"])
 def test_random_checkpoint_loads_strictly(tmp_path, layout):
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    try:
-        from make_random_checkpoint import make_random_checkpoint
-    finally:
-        sys.path.remove(os.path.join(ROOT, "scripts"))
+    from ldm.apps.random_checkpoint import make_random_checkpoint
     path = str(tmp_path / "tiny-inpaint.safetensors")
     make_random_checkpoint(path, TINY_INPAINT, layout=layout, seed=2, progress=False)
     loaded, _ = load_model(TINY_INPAINT, path)

@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import SD2, TINY, build
-from ldm.checkpoint import CheckpointError, detect_layout, load_model, read_checkpoint, to_native, to_original
+from ldm.weights.reading import CheckpointError, read_checkpoint
+from ldm.weights.layout import detect_layout, to_native, to_original
+from ldm.weights.loading import load_model
 
 
 def _unet_out(model, seed=0):
@@ -212,8 +214,8 @@ def test_original_public_api(source, files):
 
 def test_original_yaml_builds_unchanged_with_exact_key_set():
     """configs/stable-diffusion/v2-inference.yaml (the original file) gives a real SD2 checkpoint's keys and shapes."""
-    from ldm.checkpoint import load_config
-    from ldm.latent_diffusion import LatentDiffusion
+    from ldm.model.presets import load_config
+    from ldm.model.diffusion import LatentDiffusion
     ref = {}
     with open(os.path.join(os.path.dirname(__file__), "data", "sd2-v2-inference.state_dict.txt")) as f:
         for line in f:
@@ -226,7 +228,7 @@ def test_original_yaml_builds_unchanged_with_exact_key_set():
 
 
 def test_config_errors_are_clear():
-    from ldm.latent_diffusion import DiffusionConfig
+    from ldm.model.diffusion import DiffusionConfig
     from omegaconf import OmegaConf
     params = OmegaConf.to_container(OmegaConf.load(TINY).model.params)
     params["unet_config"]["params"]["num_res_blockz"] = 2

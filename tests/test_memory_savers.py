@@ -11,8 +11,8 @@ from torch import nn
 
 from conftest import ROOT, SD2, TINY, build
 from helpers import rel_err
-from ldm.checkpoint import load_config
-from ldm.offload import enable_model_offload
+from ldm.model.presets import load_config
+from ldm.speed.offload import enable_model_offload
 from test_parity_vae import build_pair, image, latent
 
 TOL_DIFFUSERS = 1e-4  # max|ours - diffusers| / max|diffusers|, fp32, tiled on both sides (as the VAE parity tests)
@@ -348,7 +348,7 @@ def test_offload_moves_weights_to_the_device_and_back():
 def test_offload_moves_int8_quantized_unet():
     """torchao int8 weights (tensor subclasses) take the same trip; outputs unchanged after it."""
     pytest.importorskip("torchao")
-    from ldm.optimize import quantize_int8
+    from ldm.speed.optimize import quantize_int8
     model = build(TINY, seed=10)
     assert quantize_int8(model.model.diffusion_model, min_features=16, inductor_config=False)
     with torch.no_grad():
@@ -475,8 +475,8 @@ def test_full_sd2_tiled_decode_bounds_memory(tmp_path):
         "import sys, torch\n"
         "def hwm():  # this process's peak RSS in kB; unlike ru_maxrss it is not inherited from the parent at exec\n"
         "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
-        "from ldm.checkpoint import load_config\n"
-        "from ldm.vae import AutoencoderKL\n"
+        "from ldm.model.presets import load_config\n"
+        "from ldm.model.vae import AutoencoderKL\n"
         f"vae = AutoencoderKL(load_config({SD2!r}).vae).eval().requires_grad_(False)\n"
         "vae.set_memory_savers(tiling=sys.argv[1] == 'tiled', tile_latent=32)\n"
         "base = hwm()\n"

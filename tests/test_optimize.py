@@ -1,4 +1,4 @@
-"""Speed transformations (ldm.optimize) against the fp32 eager model and independent references.
+"""Speed transformations (ldm.speed.optimize) against the fp32 eager model and independent references.
 
 Tolerances: fused/unfused projections and channels_last change only the order of float sums, so
 they must agree to 1e-5 relative (max abs error over max abs value); int8 changes the numbers by
@@ -16,8 +16,8 @@ from torch import nn
 
 from conftest import TINY, build
 from helpers import randomize_, rel_err
-from ldm.attention import CrossAttention, set_attention_backend
-from ldm.optimize import (INT8_HELP, Conv1x1Linear, int8_targets, quantize_int8, set_fused_projections,
+from ldm.model.attention import CrossAttention, set_attention_backend
+from ldm.speed.optimize import (INT8_HELP, Conv1x1Linear, int8_targets, quantize_int8, set_fused_projections,
                           swap_conv1x1_to_linear, to_channels_last)
 
 EXACT = 1e-5  # fp32, same math in another order

@@ -19,8 +19,8 @@ import torch
 
 from conftest import ROOT, SD2, TINY
 from helpers import load_on_meta, randomize_, rel_err, small_norm_inputs
-from ldm.checkpoint import load_config
-from ldm.text_encoder import FrozenOpenCLIPEmbedder, TextConfig
+from ldm.model.presets import load_config
+from ldm.model.openclip import FrozenOpenCLIPEmbedder, TextConfig
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -122,7 +122,7 @@ def test_full_vit_h14_text_matches_open_clip(full_pair, mode, record_property):
 def test_arch_table_and_tokenizer_match_open_clip_without_importing_it():
     """The arch table and tokenizer are read from open_clip's files without its package import (seconds of
     torchvision/timm/dynamo imports): same shapes as get_model_config, same tokens as open_clip.tokenize."""
-    from ldm.text_encoder import open_clip_tokenizer
+    from ldm.model.openclip import open_clip_tokenizer
     for arch in ("ViT-H-14", "ViT-L-14", "ViT-bigG-14"):
         mc = open_clip.get_model_config(arch)
         cfg = TextConfig.from_params({"arch": arch})
@@ -134,8 +134,8 @@ def test_arch_table_and_tokenizer_match_open_clip_without_importing_it():
     prompts = PROMPTS + ["Naïve café &amp; <b>HTML</b>, emoji 🐈 and   spaces", "x " * 100, "A photo!!"]
     assert torch.equal(open_clip_tokenizer().tokenize(prompts, context_length=77), open_clip.tokenize(prompts))
     # nor torch._dynamo, which nn.init on the meta device imported (a second more)
-    code = ("import sys, torch; from ldm.checkpoint import load_config; from ldm.latent_diffusion import model_class; "
-            "from ldm.text_encoder import open_clip_tokenizer\n"
+    code = ("import sys, torch; from ldm.model.presets import load_config; from ldm.model.diffusion import model_class; "
+            "from ldm.model.openclip import open_clip_tokenizer\n"
             f"for path in ({SD2!r}, {SD1_TINY!r}):\n"
             "    cfg = load_config(path)\n"
             "    with torch.device('meta'): model_class(cfg)(cfg)\n"

@@ -9,9 +9,10 @@ import torch
 
 from conftest import SD2, TINY
 from helpers import load_on_meta, randomize_, rel_err, small_norm_inputs
-from ldm.attention import set_attention_backend
-from ldm.checkpoint import load_config, to_original
-from ldm.unet import UNetConfig, UNetModel
+from ldm.model.attention import set_attention_backend
+from ldm.model.presets import load_config
+from ldm.weights.layout import to_original
+from ldm.model.unet import UNetConfig, UNetModel
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -22,7 +23,7 @@ MODES = ["plain", "small_input", "small_norm_inputs"]
 
 def diffusers_config(cfg: UNetConfig) -> dict:
     """UNet2DConditionModel kwargs for the same architecture (the benchmark peer's mapping, one place)."""
-    from ldm.benchmark_export import unet_config
+    from ldm.benchmark.export import unet_config
     return unet_config(cfg)
 
 

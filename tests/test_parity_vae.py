@@ -9,8 +9,8 @@ import torch
 
 from conftest import SD2, TINY
 from helpers import load_on_meta, randomize_, rel_err, small_norm_inputs
-from ldm.checkpoint import load_config
-from ldm.vae import AutoencoderKL, VAEConfig
+from ldm.model.presets import load_config
+from ldm.model.vae import AutoencoderKL, VAEConfig
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from conftest import TINY, build
 from helpers import randomize_, rel_err
-from ldm import runtime
-from ldm.attention import set_attention_backend
+from ldm.speed import runtime
+from ldm.model.attention import set_attention_backend
 
 BF16, FP16 = torch.bfloat16, torch.float16
 TOL = {BF16: 4e-2, FP16: 5e-3}        # one component (UNet, text encoder, VAE decoder)
@@ -151,7 +151,7 @@ def test_ddim_end_to_end(models, dtype):
 
 @pytest.mark.slow
 def test_medium_unet_bf16():
-    from ldm.unet import UNetConfig, UNetModel
+    from ldm.model.unet import UNetConfig, UNetModel
     cfg = UNetConfig(model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=(1, 1, 1),
                      attention_resolutions=(4, 2, 1), num_head_channels=32, context_dim=256)
     unet = randomize_(UNetModel(cfg).eval())
@@ -165,7 +165,7 @@ def test_medium_unet_bf16():
 
 @pytest.mark.slow
 def test_medium_vae_bf16():
-    from ldm.vae import AutoencoderKL, VAEConfig
+    from ldm.model.vae import AutoencoderKL, VAEConfig
     vae = randomize_(AutoencoderKL(VAEConfig(ch=64, ch_mult=(1, 2, 4, 4), num_res_blocks=2)).eval())
     z = torch.randn(1, 4, 16, 16, generator=gen())
     with torch.no_grad():

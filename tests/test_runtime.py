@@ -1,4 +1,4 @@
-"""ldm.runtime: compile modes and their inductor settings, the CUDA-graph output clone, VAE compile, TF32."""
+"""ldm.speed.runtime: compile modes and their inductor settings, the CUDA-graph output clone, VAE compile, TF32."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import TINY, build
 from helpers import rel_err
-from ldm import runtime
+from ldm.speed import runtime
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 DIFFUSION_FAST = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,

@@ -25,7 +25,7 @@ import torch
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.schedule import schedule_buffers
+from ldm.model.schedule import schedule_buffers
 
 T = 1000
 BETAS = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T, dtype=np.float64) ** 2  # SD2's "linear" schedule

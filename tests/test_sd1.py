@@ -15,11 +15,15 @@ import torch
 
 from conftest import ROOT
 from helpers import load_on_meta, need_disk, randomize_, rel_err, small_norm_inputs
-from ldm.checkpoint import CLIP_POSITION_IDS, CheckpointError, load_config, load_model, read_checkpoint, to_original
-from ldm.clip_text import EOT, SOT, CLIPTextConfig, FrozenCLIPEmbedder, tokenize
-from ldm.convert import convert, summary
-from ldm.detect import guess_config
-from ldm.latent_diffusion import LatentDiffusion
+from ldm.weights.reading import CLIP_POSITION_IDS, CheckpointError, read_checkpoint
+from ldm.model.presets import load_config
+from ldm.weights.loading import load_model
+from ldm.weights.layout import to_original
+from ldm.model.clip import EOT, SOT, CLIPTextConfig, FrozenCLIPEmbedder, tokenize
+from ldm.weights.convert import convert
+from ldm.apps.convert import summary
+from ldm.weights.detect import guess_config
+from ldm.model.diffusion import LatentDiffusion
 from test_parity_unet import build_pair as unet_pair, compare as unet_compare, inputs as unet_inputs
 
 transformers = pytest.importorskip("transformers")
@@ -36,13 +40,9 @@ PROMPTS = ["a professional photograph of an astronaut riding a horse", "", "  Mi
 
 
 def random_checkpoint_script():
-    """scripts/make_random_checkpoint.py as a module."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("make_random_checkpoint",
-                                                  os.path.join(ROOT, "scripts", "make_random_checkpoint.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """ldm.apps.random_checkpoint (scripts/make_random_checkpoint.py's code)."""
+    from ldm.apps import random_checkpoint
+    return random_checkpoint
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -316,8 +316,8 @@ def test_tiny_sd1_converter_round_trip(tiny_ckpt, tmp_path):
     native = tmp_path / "native.safetensors"
     back = tmp_path / "back.ckpt"
     report = convert(tiny_ckpt, native, to="native", check=True, config=V1_TINY, progress=False)
-    assert report.max_diff == 0.0 and "SD 1.x" in report.family
-    assert any("v1-inference_native_mha.yaml" in line for line in summary(report))
+    assert report.max_diff == 0.0 and report.family == "tiny SD1-shaped test model, context width 64"
+    assert any("predicts eps: use configs/tiny/v1-tiny.yaml" in line for line in summary(report))
     convert(native, back, to="original", progress=False)
     src, mid, out = (read_checkpoint(p)[0] for p in (tiny_ckpt, native, back))
     assert any(k.endswith("attn1.in_proj_weight") for k in mid) and CLIP_POSITION_IDS in mid
@@ -333,7 +333,7 @@ def test_tiny_sd1_converter_round_trip(tiny_ckpt, tmp_path):
 
 def meta_state_dict(config: str, layout: str = "original") -> dict[str, torch.Tensor]:
     """The state dict (meta tensors: only shapes) of a config's model, in either layout."""
-    from ldm.latent_diffusion import model_class
+    from ldm.model.diffusion import model_class
     cfg = load_config(config)
     with torch.device("meta"):
         sd = model_class(cfg)(cfg).state_dict()
@@ -385,7 +385,7 @@ def test_guess_full_sd2_assumes_v_and_says_how_to_override(layout):
 
 @pytest.mark.parametrize("layout", ["original", "native_mha"])
 def test_guess_full_sd1_inpainting(layout):
-    from ldm.latent_diffusion import LatentInpaintDiffusion
+    from ldm.model.diffusion import LatentInpaintDiffusion
     suffix = "_native_mha" if layout == "native_mha" else ""
     want = repo(f"configs/stable-diffusion/v1-inpainting-inference{suffix}.yaml")
     sd = meta_state_dict(want, layout)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from conftest import ROOT, TINY, build
 from helpers import need_disk
-from ldm.checkpoint import to_original
+from ldm.weights.layout import to_original
 
 SCRIPT = os.path.join(ROOT, "scripts", "txt2img.py")
 NATIVE_CFG = TINY  # the tiny config; layouts are detected from the keys
@@ -98,7 +98,8 @@ ERRORS = [
     (["--H", "500"], "--H 500 must be a positive multiple of 8"),
     (["--W", "60", "--f", "8"], "--W 60 must be a positive multiple of 8"),
     (["--plms", "--dpm"], "conflicting sampler flags"),
-    (["--plms", "--ddim_eta", "0.5"], "--ddim_eta must be 0 with --plms"),
+    (["--plms", "--ddim_eta", "0.5"], "--ddim_eta is a DDIM option; it must be 0 with --plms/--dpm"),
+    (["--dpm", "--ddim_eta", "0.5"], "--ddim_eta is a DDIM option; it must be 0 with --plms/--dpm"),
     (["--torchscript"], "not supported here; use --compile"),
     (["--disable_math", "--disable_mem_efficient", "--disable_flash"], "leave no SDPA kernel"),
     (["--disable_math", "--disable_flash"], "no enabled SDPA kernel"),
@@ -134,7 +135,7 @@ def test_size_the_unet_cannot_take_is_one_line_after_loading(ckpts, tmp_path):
 
 
 def test_out_of_memory_message_names_the_flags():
-    from ldm.cli import describe
+    from ldm.apps.cli import describe
     msg = describe(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert msg.startswith("out of memory") and "--n_samples" in msg and "--disable_mem_efficient" in msg
 

@@ -1,5 +1,5 @@
 """Import path of the original yamls' ``target: ldm.models.autoencoder.AutoencoderKL``."""
 
-from ldm.vae import AutoencoderKL
+from ldm.model.vae import AutoencoderKL
 
 __all__ = ["AutoencoderKL"]

@@ -1,6 +1,6 @@
 """Samplers as pure functions over an eps denoiser ``denoise(x, t, alpha, sigma)``, with CPU-float schedules.
 
-The original class interfaces live at ``ldm.models.diffusion.{ddim,plms,dpm_solver}`` as thin adapters.
+The original sampler classes are in ``ldm.samplers.api`` (re-exported at ``ldm.models.diffusion.*``).
 """
 
 from ldm.samplers.ddim import sample_ddim

@@ -1,5 +1,5 @@
 """Import path of the original ``ldm.modules.distributions.distributions``."""
 
-from ldm.vae import DiagonalGaussianDistribution
+from ldm.model.vae import DiagonalGaussianDistribution
 
 __all__ = ["DiagonalGaussianDistribution"]

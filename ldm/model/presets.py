@@ -1,0 +1,134 @@
+"""The known models by name (gpt-fast's ``from_name``), the yaml files that describe them, and yaml -> typed config.
+
+``PRESETS`` is the one table of model shapes: each entry is the typed ``DiffusionConfig`` its yaml maps to
+(a test checks every one against its file) and that yaml's place under ``configs/``. The yamls are input
+data users pass in; they live in the checkout's top-level ``configs/`` and, installed, in the package
+(``ldm/configs``), and ``config_file`` finds them in either place.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ldm.model.clip import CLIPTextConfig
+from ldm.model.config import to_plain
+from ldm.model.diffusion import INPAINT_TARGETS, DiffusionConfig, model_config
+from ldm.model.openclip import TextConfig
+from ldm.model.unet import UNetConfig
+from ldm.model.vae import VAEConfig
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../ldm
+
+
+def config_root() -> str:
+    """The folder of the shipped yamls: ``ldm/configs`` when installed, else the checkout's ``configs/``."""
+    installed = os.path.join(_PACKAGE, "configs")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(_PACKAGE), "configs")
+
+
+def config_file(rel: str) -> str:
+    """The absolute path of a shipped yaml, e.g. ``config_file("stable-diffusion/v2-inference.yaml")``."""
+    return os.path.join(config_root(), rel)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A known model: its typed config and the shipped yaml (under ``configs/``, original layout) it comes from."""
+    config: DiffusionConfig
+    yaml: str
+
+    def native_yaml(self) -> str | None:
+        """The ``_native_mha`` variant of ``yaml`` when one is shipped (either yaml loads either layout)."""
+        rel = self.yaml[: -len(".yaml")] + "_native_mha.yaml"
+        return rel if os.path.isfile(config_file(rel)) else None
+
+
+def _sd_unet(context_dim: int, in_channels: int, sd1: bool) -> UNetConfig:
+    heads = dict(num_heads=8) if sd1 else dict(num_head_channels=64, use_linear_in_transformer=True)
+    return UNetConfig(in_channels=in_channels, out_channels=4, model_channels=320, attention_resolutions=(4, 2, 1),
+                      num_res_blocks=(2, 2, 2, 2), channel_mult=(1, 2, 4, 4), context_dim=context_dim, **heads)
+
+
+def _tiny_unet(in_channels: int, sd1: bool) -> UNetConfig:
+    heads = dict(num_heads=2) if sd1 else dict(num_head_channels=16, use_linear_in_transformer=True)
+    return UNetConfig(in_channels=in_channels, out_channels=4, model_channels=32, attention_resolutions=(2, 1),
+                      num_res_blocks=(1, 1), channel_mult=(1, 2), context_dim=64, **heads)
+
+
+_SD_VAE = VAEConfig(embed_dim=4, z_channels=4, in_channels=3, out_ch=3, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2)
+_TINY_VAE = replace(_SD_VAE, ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
+_SD1_TEXT = CLIPTextConfig()  # openai/clip-vit-large-patch14, last layer
+_SD2_TEXT = TextConfig(layer="penultimate")  # open_clip ViT-H-14
+_SD = dict(linear_start=0.00085, linear_end=0.012, scale_factor=0.18215)
+_INPAINT = dict(conditioning_key="hybrid", concat_keys=("mask", "masked_image"), masked_image_key="masked_image")
+
+
+def _sd(unet: UNetConfig, vae: VAEConfig, text, **kw) -> DiffusionConfig:
+    return DiffusionConfig(unet=unet, vae=vae, text=text, **_SD, **kw)
+
+
+SD, TINY = "stable-diffusion/", "tiny/"
+PRESETS: dict[str, Preset] = {
+    "sd1": Preset(_sd(_sd_unet(768, 4, True), _SD_VAE, _SD1_TEXT), SD + "v1-inference.yaml"),
+    "sd1-inpainting": Preset(_sd(_sd_unet(768, 9, True), _SD_VAE, _SD1_TEXT, **_INPAINT),
+                             SD + "v1-inpainting-inference.yaml"),
+    "sd2": Preset(_sd(_sd_unet(1024, 4, False), _SD_VAE, _SD2_TEXT), SD + "v2-inference.yaml"),  # 512px, eps
+    "sd2-v": Preset(_sd(_sd_unet(1024, 4, False), _SD_VAE, _SD2_TEXT, parameterization="v"),
+                    SD + "v2-inference-v.yaml"),  # 768px
+    "sd2-inpainting": Preset(_sd(_sd_unet(1024, 9, False), _SD_VAE, _SD2_TEXT, **_INPAINT),
+                             SD + "v2-inpainting-inference.yaml"),
+    "tiny": Preset(_sd(_tiny_unet(4, False), _TINY_VAE, TextConfig(width=64, heads=4, layers=3, embed_dim=64,
+                                                                  layer="penultimate")), TINY + "v2-tiny.yaml"),
+    "sd1-tiny": Preset(_sd(_tiny_unet(4, True), _TINY_VAE, CLIPTextConfig(width=64, heads=4, layers=3,
+                                                                         version="custom")), TINY + "v1-tiny.yaml"),
+}
+PRESETS["tiny-v"] = Preset(replace(PRESETS["tiny"].config, parameterization="v"), TINY + "v2-tiny-v.yaml")
+PRESETS["tiny-inpainting"] = Preset(replace(PRESETS["tiny"].config, unet=_tiny_unet(9, False), **_INPAINT),
+                                    TINY + "v2-tiny-inpainting.yaml")
+
+
+def from_name(name: str) -> DiffusionConfig:
+    """The typed config of a preset (``sd1``, ``sd2``, ``sd2-v``, ``tiny``, ...)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name].config
+
+
+def load_config(config: Any) -> DiffusionConfig:
+    """A DiffusionConfig from a yaml path, an OmegaConf/dict of the whole file or of ``model``, or itself."""
+    if isinstance(config, DiffusionConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        from omegaconf import OmegaConf
+        if not os.path.isfile(config):
+            raise FileNotFoundError(f"config not found: {os.fspath(config)}")
+        config = OmegaConf.load(config)
+    node = to_plain(config)
+    node = node.get("model", node)
+    target = node.get("target", "ldm.models.diffusion.ddpm.LatentDiffusion")
+    if not target.endswith("LatentDiffusion") and target not in INPAINT_TARGETS:
+        raise ValueError(f"config model target {target!r} is not supported (LatentDiffusion, LatentInpaintDiffusion)")
+    return model_config(target, node.get("params", {}))
+
+
+def get_obj_from_str(string: str) -> Any:
+    """'pkg.module.Name' -> the object."""
+    module, cls = string.rsplit(".", 1)
+    return getattr(importlib.import_module(module, package=None), cls)
+
+
+def instantiate_from_config(config: Any) -> Any:
+    """Build ``config.target(**config.params)``, as the original ``ldm.util`` does.
+
+    For LatentDiffusion this constructs the model with random weights on the CPU (as the original);
+    ``ldm.weights.loading.load_model`` is the fast path that builds on the meta device and loads strictly.
+    """
+    node = to_plain(config)
+    if "target" not in node:
+        if node in ("__is_first_stage__", "__is_unconditional__"):
+            return None
+        raise KeyError("Expected key `target` to instantiate.")
+    return get_obj_from_str(node["target"])(**(node.get("params") or {}))

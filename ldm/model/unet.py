@@ -1,0 +1,148 @@
+"""The latent-diffusion UNet (SD 1.x/2.x), built from a typed config, with no graph breaks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ldm.model.attention import check_backend
+from ldm.model.config import take_params
+from ldm.model.unet_blocks import (Downsample, ResBlock, SpatialTransformer, TimestepEmbedSequential, Upsample,
+                             normalization, timestep_embedding)
+
+# yaml keys of the original UNetModel that only matter for training or for other model families.
+_IGNORED = {"use_checkpoint", "use_fp16", "use_bf16", "image_size", "dropout", "legacy", "use_new_attention_order",
+            "num_heads_upsample"}
+# yaml keys whose only supported value is given here.
+_FIXED = {"dims": 2, "conv_resample": True, "use_spatial_transformer": True, "use_scale_shift_norm": False,
+          "resblock_updown": False, "num_classes": None, "n_embed": None, "adm_in_channels": None}
+_REQUIRED = ("in_channels", "out_channels", "model_channels", "attention_resolutions", "num_res_blocks",
+             "context_dim")
+_KNOWN = {"in_channels", "out_channels", "model_channels", "attention_resolutions", "num_res_blocks", "channel_mult",
+          "num_heads", "num_head_channels", "transformer_depth", "context_dim", "use_linear_in_transformer",
+          "disable_self_attentions", "disable_middle_self_attn", "num_attention_blocks", "attention"}
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The original ``UNetModel``'s arguments; a default here is the original's default (what a yaml without
+    the key means). Presets with the SD shapes are in ``ldm.model.presets``."""
+    in_channels: int
+    out_channels: int
+    model_channels: int
+    attention_resolutions: tuple[int, ...]
+    num_res_blocks: tuple[int, ...]  # per level (the yaml may give one int for all)
+    context_dim: int
+    channel_mult: tuple[int, ...] = (1, 2, 4, 8)
+    num_heads: int = -1
+    num_head_channels: int = -1
+    transformer_depth: int = 1
+    use_linear_in_transformer: bool = False
+    disable_self_attentions: tuple[bool, ...] | None = None
+    disable_middle_self_attn: bool = False
+    num_attention_blocks: tuple[int, ...] | None = None
+    attention: str = "sdpa"
+
+    def heads_at(self, ch: int) -> tuple[int, int]:
+        """(heads, dim_head) for a transformer over ``ch`` channels."""
+        if self.num_head_channels == -1:
+            return self.num_heads, ch // self.num_heads
+        return ch // self.num_head_channels, self.num_head_channels
+
+    @classmethod
+    def from_params(cls, params: dict) -> "UNetConfig":
+        """Map the original ``UNetModel`` yaml params; unknown keys are errors."""
+        p = take_params("UNetModel", params, _IGNORED, _FIXED, known=_KNOWN)
+        missing = [k for k in _REQUIRED if k not in p]
+        if missing:
+            raise ValueError(f"UNetModel: missing config key(s) {', '.join(missing)}")
+        if isinstance(p["context_dim"], (list, tuple)):
+            raise ValueError("UNetModel: a list of context_dim per transformer layer is not supported")
+        if p.get("num_heads", -1) == -1 and p.get("num_head_channels", -1) == -1:
+            raise ValueError("UNetModel: either num_heads or num_head_channels has to be set")
+        mult = tuple(p.get("channel_mult", cls.channel_mult))
+        nrb = p["num_res_blocks"]
+        p["num_res_blocks"] = (nrb,) * len(mult) if isinstance(nrb, int) else tuple(nrb)
+        for key in ("attention_resolutions", "channel_mult", "disable_self_attentions", "num_attention_blocks"):
+            if p.get(key) is not None:
+                p[key] = tuple(p[key])
+        if "attention" in p:
+            check_backend(p["attention"])
+        return cls(**p)  # keys the yaml leaves out take the dataclass defaults: one set of defaults
+
+
+class UNetModel(nn.Module):
+    """eps/v-predicting UNet: forward(x (B,C,H,W), timesteps (B,), context (B,S,D)) -> (B,C_out,H,W)."""
+
+    def __init__(self, cfg: UNetConfig | None = None, **params):
+        super().__init__()
+        cfg = cfg if cfg is not None else UNetConfig.from_params(params)
+        self.cfg = cfg
+        ch = mc = cfg.model_channels
+        emb_dim = mc * 4
+        self.model_channels = mc
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def transformer(ch: int, level: int | None, index: int) -> list[nn.Module]:
+            if level is not None and cfg.num_attention_blocks is not None and index >= cfg.num_attention_blocks[level]:
+                return []
+            heads, dim_head = cfg.heads_at(ch)
+            if level is None:
+                no_self = cfg.disable_middle_self_attn
+            else:
+                no_self = bool(cfg.disable_self_attentions[level]) if cfg.disable_self_attentions else False
+            return [SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
+                                       cfg.use_linear_in_transformer, no_self, cfg.attention)]
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_chans, ds = [mc], 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for i in range(cfg.num_res_blocks[level]):
+                layers = [ResBlock(ch, emb_dim, mult * mc)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers += transformer(ch, level, i)
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim), *transformer(ch, None, 0),
+                                                    ResBlock(ch, emb_dim))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks[level] + 1):
+                layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mc * mult)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers += transformer(ch, level, i)
+                if level and i == cfg.num_res_blocks[level]:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.time_embed[0].weight.dtype
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # The network runs in its weights' dtype; the output comes back in the input's dtype.
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))  # (B, 4*mc)
+        context = context.to(dtype)
+        h = x.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h).to(x.dtype)

@@ -1,0 +1,98 @@
+"""Loading a ready model: build on the meta device, prepare the state dict once, load strictly with assign=True."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ldm.model.attention import set_attention_backend
+from ldm.model.diffusion import model_class
+from ldm.model.presets import load_config
+from ldm.model.schedule import BUFFER_NAMES
+from ldm.weights.layout import detect_layout, to_native
+from ldm.weights.reading import (DERIVED_KEYS, CheckpointError, name_list, read_checkpoint, split_extras, take_ema,
+                                 unwrap_state_dict)
+
+
+def prepare_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], strict: bool = True,
+                       ema: bool = False) -> dict[str, torch.Tensor]:
+    """Unwrap, pick EMA if asked, drop training extras, convert the layout, fill derived schedule buffers,
+    and (strict) check keys and shapes against ``model``, raising one CheckpointError naming them."""
+    sd = unwrap_state_dict(dict(sd))
+    if ema:
+        sd = take_ema(sd)
+    sd, _ = split_extras(sd)
+    sd = {k: v for k, v in sd.items() if k not in DERIVED_KEYS}
+    if detect_layout(sd) == "original":
+        sd = to_native(sd)
+    own = model.state_dict()
+    for name in BUFFER_NAMES:  # derived from the config; older or hand-made files may omit them
+        if name in own and name not in sd:
+            sd[name] = own[name]
+    if strict:
+        check_keys(own, sd)
+    return sd
+
+
+def check_keys(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> None:
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {name_list(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {name_list(unexpected)}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es): {name_list(shapes, 3)}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
+
+
+
+@dataclass
+class LoadReport:
+    path: str
+    layout: str | None
+    converted: bool
+    dropped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def load_model(config: Any, ckpt: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None, ema: bool = False, attention: str | None = None,
+               progress: Callable[[str], None] | None = None):
+    """Build on the meta device, load ``ckpt`` (either layout) strictly with assign=True, move once.
+
+    Returns (model, LoadReport). ``dtype`` (None keeps the stored dtype) applies to the UNet, VAE and
+    text encoder; the schedule buffers stay float32. ``progress(stage)`` is called as each stage ends.
+    """
+    step = progress or (lambda stage: None)
+    start = time.perf_counter()
+    cfg = load_config(config)
+    raw, _ = read_checkpoint(ckpt)
+    step("read")
+    layout = detect_layout(raw)
+    _, dropped = split_extras(raw)
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg)
+    model.load_state_dict(prepare_state_dict(model, raw, strict=True, ema=ema), strict=True, assign=True)
+    step("load")
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"weights not loaded: {name_list(left)}")
+    for part in (model.model, model.first_stage_model, model.cond_stage_model):
+        part.to(device=device, dtype=dtype)
+    for name in BUFFER_NAMES:
+        setattr(model, name, getattr(model, name).to(device))
+    if attention is not None:
+        set_attention_backend(model, attention)
+    model.eval()
+    step("move")
+    report = LoadReport(os.fspath(ckpt), layout, layout == "original", dropped, time.perf_counter() - start)
+    return model, report

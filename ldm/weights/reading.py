@@ -1,0 +1,163 @@
+"""Reading checkpoints safely: .ckpt (weights-only pickle) and .safetensors, nested state dicts, training-only
+entries and EMA weights. Nothing here knows the model: it reads names and tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the model; the message is one line for users."""
+
+
+
+class _IgnoredObject:
+    """Stand-in for training-time objects pickled into some .ckpt files (e.g. Lightning callbacks)."""
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _safe_globals() -> list:
+    allowed: list = [(_IgnoredObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+    try:
+        import numpy as np
+        core = getattr(np, "_core", None) or np.core
+        # numpy scalars (e.g. global_step) pickled under numpy 1.x or 2.x module names
+        allowed += [core.multiarray.scalar, (core.multiarray.scalar, "numpy.core.multiarray.scalar"), np.dtype]
+        allowed += [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType", "Int32DType")
+                    if hasattr(getattr(np, "dtypes", None), n)]
+    except ImportError:
+        pass
+    return allowed
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(flat state dict, metadata) from a .ckpt/.pt/.pth (weights_only pickle) or .safetensors file.
+
+    A pickle is never allowed to run code: only tensors, containers and a short allow-list of
+    globals real SD checkpoints carry are accepted. Nested ``state_dict`` entries are unwrapped.
+    Metadata: the safetensors header's, or for a pickle its non-tensor entries (``global_step``,
+    ``optimizer_states``...) as short text, so that callers can say what they leave behind.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header size, then the JSON header; torch: a zip or a raw pickle.
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if path.endswith(".safetensors") or looks_safetensors:
+        return _read_safetensors(path)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise CheckpointError(f"not a checkpoint: {path} is neither a torch .ckpt (zip or pickle) nor safetensors")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise CheckpointError(f"refusing to load {path}: it holds objects outside the allowed set "
+                                  f"(a pickle that could run code); convert it to .safetensors from a trusted source "
+                                  f"[{msg}]") from e
+        raise CheckpointError(f"not a readable checkpoint: {path} ({msg})") from e
+    return unwrap_state_dict(obj, path), pickle_metadata(obj)
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(path, device="cpu"), meta
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"not a readable safetensors file: {path} ({str(e).splitlines()[0]})") from e
+
+
+def pickle_metadata(obj: Any) -> dict[str, str]:
+    """Name -> short text for every non-tensor entry around and inside a pickle's state dict."""
+    meta: dict[str, str] = {}
+    while isinstance(obj, dict):
+        inner = obj.get("state_dict")
+        for k, v in obj.items():
+            if k != "state_dict" and not isinstance(v, torch.Tensor):
+                scalar = isinstance(v, (int, float, str, bool)) or getattr(v, "shape", None) == ()  # numpy too
+                meta[str(k)] = str(v)[:80] if scalar else type(v).__name__
+        if not isinstance(inner, dict):
+            break
+        obj = inner
+    return meta
+
+
+def unwrap_state_dict(obj: Any, path: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Follow nested ``state_dict`` entries down to the flat name -> tensor mapping."""
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path} holds no state dict (found {type(obj).__name__})")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path} holds no tensors")
+    return tensors
+
+
+
+
+_EXTRA_PREFIXES = ("model_ema.", "loss.", "first_stage_model.loss.", "cond_stage_model.model.visual.",
+                   "optimizer", "lr_scheduler")
+_EXTRA_KEYS = {"lvlb_weights", "logvar", "global_step", "epoch"}
+# Kept by the converter, ignored when loading: transformers' CLIP saved its arange(77) position ids (a buffer,
+# not a weight) until 4.31, so SD 1.x files carry them; the text tower uses positions 0..T-1 as newer transformers.
+CLIP_POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+DERIVED_KEYS = {CLIP_POSITION_IDS}
+
+
+def split_extras(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(model entries, names of training-only entries dropped on purpose)."""
+    dropped = sorted(k for k in sd if k in _EXTRA_KEYS or k.startswith(_EXTRA_PREFIXES))
+    return {k: v for k, v in sd.items() if k not in set(dropped)}, dropped
+
+
+def ema_name(key: str) -> str:
+    """model.X.Y -> model_ema.XY: the original LitEma stores each UNet parameter with its dots removed."""
+    return "model_ema." + key[len("model."):].replace(".", "")
+
+
+def take_ema(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace every UNet weight ``model.X.Y`` by its EMA copy ``model_ema.XY``: one to one, shapes equal."""
+    live = [k for k in sd if k.startswith("model.")]
+    table = {ema_name(k): k for k in live}  # model_ema.XY -> model.X.Y
+    if len(table) != len(live):
+        raise CheckpointError("EMA names are ambiguous: two UNet weights map to the same model_ema.* name")
+    ema_keys = [k for k in sd if k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")]
+    if not ema_keys:
+        raise CheckpointError("no EMA weights (model_ema.*) in this checkpoint; drop --ema "
+                              "(*-ema-pruned files already hold the EMA weights as model.*)")
+    missing = [table[e] for e in table if e not in sd]
+    orphans = [e for e in ema_keys if e not in table]
+    shapes = [e for e in ema_keys if e in table and sd[e].shape != sd[table[e]].shape]
+    for what, names in (("UNet weights without an EMA copy", missing), ("EMA weights without a UNet weight", orphans),
+                        ("EMA weights whose shape differs from the UNet weight", shapes)):
+        if names:
+            raise CheckpointError(f"--ema: {len(names)} {what}, e.g. {names[0]}")
+    out = dict(sd)
+    for e, k in table.items():
+        out[k] = sd[e]
+    return out
+
+
+def name_list(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
