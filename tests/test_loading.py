@@ -238,3 +238,25 @@ def test_config_errors_are_clear():
     params["parameterization"] = "x0"
     with pytest.raises(ValueError, match="parameterization='x0'"):
         DiffusionConfig.from_params(params)
+
+
+def test_read_shapes_reads_no_data_and_detects_alike(files):
+    """Config detection reads a .safetensors header only (meta tensors); keys, shapes and the guess are the same."""
+    from ldm.weights.detect import guess_config
+    from ldm.weights.reading import read_shapes
+    for name in ("orig_st", "native_st", "orig_ckpt"):
+        full, shapes = read_checkpoint(files[name])[0], read_shapes(files[name])
+        assert {k: tuple(v.shape) for k, v in shapes.items()} == {k: tuple(v.shape) for k, v in full.items()}
+        assert all(v.is_meta for v in shapes.values()) == name.endswith("_st")
+        assert guess_config(shapes) == guess_config(full)
+
+
+def test_load_model_prepares_the_state_dict_once(files, monkeypatch):
+    """The fast path renames and checks keys once; the loaded class is the core model (no second preparation)."""
+    from ldm.model.diffusion import LatentDiffusion
+    from ldm.weights import loading
+    calls = []
+    real = loading.prepare_state_dict
+    monkeypatch.setattr(loading, "prepare_state_dict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, report = load_model(TINY, files["orig_st"])
+    assert calls == [1] and type(model) is LatentDiffusion and report.converted

@@ -138,11 +138,9 @@ def resolve_config(opt: argparse.Namespace) -> str:
         if not os.path.isfile(opt.config):
             raise UserError(f"config not found: {opt.config}")
         return opt.config
-    from ldm.weights.reading import read_checkpoint
     from ldm.weights.detect import guess_config
-    sd, _ = read_checkpoint(opt.ckpt)
-    path, message = guess_config(sd, os.path.basename(opt.ckpt))
-    del sd
+    from ldm.weights.reading import read_shapes
+    path, message = guess_config(read_shapes(opt.ckpt), os.path.basename(opt.ckpt))
     print(message, file=sys.stderr)
     return path
 

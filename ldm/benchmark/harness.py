@@ -12,7 +12,7 @@ checkpoint of a repo config: ``sd1``, ``sd2``, ``sd2-v``, ``sd2-inpainting`` ful
 microbenchmark only, ours and the peer's: txt2img and diffusers' text-to-image pipeline cannot run them.
 
 Configurations run one after another, A B C D E P ..., and the sequence is repeated ``--repeats`` times
-(the blog's 10). Each run is a fresh process running ``scripts/txt2img.py --prompt "A photo" --seed 1 --plms
+(the blog's 10). Each run is a fresh process running txt2img (``ldm.apps.txt2img``) ``--prompt "A photo" --seed 1 --plms
 --n_iter 2 --skip_first --time_file T`` with the configuration's flags; its timed seconds are the two
 iterations' sampling and decoding, after one untimed warm-up iteration (where compilation happens):
   A  original attention: fp32 softmax(QK^T)V (``--attention math``), no compile ("original without xFormers")
@@ -195,7 +195,7 @@ def cache_dir(opt: argparse.Namespace) -> str:
 
 def resolve_config(ckpt: str, config: str | None) -> str:
     """``config``, or the repo yaml that fits the checkpoint's keys and shapes (the guess is printed on stderr)."""
-    from ldm.weights.reading import CheckpointError, read_checkpoint
+    from ldm.weights.reading import CheckpointError, read_shapes
     from ldm.weights.detect import guess_config
     for path, what in ((ckpt, "checkpoint"), (config, "config")):
         if path and not os.path.isfile(path):
@@ -203,8 +203,7 @@ def resolve_config(ckpt: str, config: str | None) -> str:
     if config:
         return config
     try:
-        sd, _ = read_checkpoint(ckpt)
-        path, message = guess_config(sd, os.path.basename(ckpt))
+        path, message = guess_config(read_shapes(ckpt), os.path.basename(ckpt))
     except CheckpointError as e:
         raise SystemExit(f"error: {ckpt}: {e}") from None
     print(message, file=sys.stderr)

@@ -45,16 +45,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     ``optimizer_states``...) as short text, so that callers can say what they leave behind.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    # safetensors: an 8-byte little-endian header size, then the JSON header; torch: a zip or a raw pickle.
-    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
-    if path.endswith(".safetensors") or looks_safetensors:
+    if _is_safetensors(path):
         return _read_safetensors(path)
-    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
-        raise CheckpointError(f"not a checkpoint: {path} is neither a torch .ckpt (zip or pickle) nor safetensors")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             try:
@@ -71,6 +63,34 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                                   f"[{msg}]") from e
         raise CheckpointError(f"not a readable checkpoint: {path} ({msg})") from e
     return unwrap_state_dict(obj, path), pickle_metadata(obj)
+
+
+def _is_safetensors(path: str) -> bool:
+    """True for a safetensors file, False for a torch zip or pickle; one-line errors for anything else."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header size, then the JSON header; torch: a zip or a raw pickle.
+    if path.endswith(".safetensors") or (len(head) == 9 and head[8:9] == b"{"):
+        return True
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise CheckpointError(f"not a checkpoint: {path} is neither a torch .ckpt (zip or pickle) nor safetensors")
+    return False
+
+
+def read_shapes(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Name -> a tensor of the stored shape, for config detection: a .safetensors file's header only (meta
+    tensors, float32 stand-ins), a .ckpt memory-mapped (its data is not read until touched)."""
+    path = os.fspath(path)
+    if not _is_safetensors(path):
+        return read_checkpoint(path)[0]
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"not a readable safetensors file: {path} ({str(e).splitlines()[0]})") from e
 
 
 def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
