@@ -156,11 +156,7 @@ def charts(rows: list[dict], summary: list[dict], title: str, runs_png: str, sum
                         xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(batches)), [f"batch size {b}" for b in batches])
     ax.set_ylabel("seconds per run (lower is better)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    atomic_write(summary_png, lambda f, _tmp: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    _save_chart(plt, fig, ax, title, summary_png)
 
     ok = [r for r in rows if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(ok) + 2.5), 4.2))
@@ -171,9 +167,14 @@ def charts(rows: list[dict], summary: list[dict], title: str, runs_png: str, sum
         ax.bar(0, 0, color=colors[k], label=labels[k])
     ax.set_xlabel("runs in the order they ran (A B C ... repeated; batch sizes one after another)")
     ax.set_ylabel("seconds per run")
+    _save_chart(plt, fig, ax, title, runs_png)
+    return None
+
+
+def _save_chart(plt, fig, ax, title: str, path: str) -> None:
+    """Title, the legend beside the axes, and the PNG written atomically."""
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    atomic_write(runs_png, lambda f, _tmp: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    atomic_write(path, lambda f, _tmp: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
-    return None
