@@ -34,6 +34,13 @@ def config_file(rel: str) -> str:
     return os.path.join(config_root(), rel)
 
 
+def config_shown(rel: str) -> str:
+    """A shipped yaml as messages name it: ``configs/...`` in a checkout (as the original's command lines do),
+    the installed file's path otherwise (an installed user has no configs/ folder)."""
+    installed = os.path.isdir(os.path.join(_PACKAGE, "configs"))
+    return config_file(rel) if installed else "configs/" + rel
+
+
 @dataclass(frozen=True)
 class Preset:
     """A known model: its typed config and the shipped yaml (under ``configs/``, original layout) it comes from."""

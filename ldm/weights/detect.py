@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from ldm.model.presets import PRESETS, config_file
+from ldm.model.presets import PRESETS, config_file, config_shown
 from ldm.weights.families import Family, identify
 from ldm.weights.reading import CheckpointError, unwrap_state_dict
 
@@ -39,7 +39,7 @@ def yaml_for(preset: str, layout: str) -> str:
 
 def config_note(family: Family, layout: str) -> str:
     """Which shipped yaml goes with a family, in words: one, or eps vs v when the weights cannot tell."""
-    names = {pred: "configs/" + yaml_for(preset, layout) for pred, preset in family.presets}
+    names = {pred: config_shown(yaml_for(preset, layout)) for pred, preset in family.presets}
     if len(names) == 1:
         (pred, name), = names.items()
         return f"{family.name} predicts {pred}: use {name}"
@@ -60,11 +60,11 @@ def guess_config(sd: dict[str, torch.Tensor], name: str | None = None) -> tuple[
     config = yaml_for(presets[prediction], fp.layout)
     path = config_file(config)
     if not os.path.isfile(path):
-        raise CheckpointError(f"detected {family.name}, but its config configs/{config} is missing")
-    message = f"detected {family.name}, {fp.layout} layout: using configs/{config}"
+        raise CheckpointError(f"detected {family.name}, but its config {config_shown(config)} is missing")
+    message = f"detected {family.name}, {fp.layout} layout: using {config_shown(config)}"
     if len(presets) > 1:
         why = f"the file name says {'768' if hint == 'v' else '512'}" if hint else "the weights cannot tell"
         other = next(p for p in presets if p != prediction)
         message += (f"; assumed {PREDICTION_WORDS.get(prediction, prediction)} because {why}; "
-                    f"for {PREDICTION_WORDS.get(other, other)} pass --config configs/{yaml_for(presets[other], fp.layout)}")
+                    f"for {PREDICTION_WORDS.get(other, other)} pass --config {config_shown(yaml_for(presets[other], fp.layout))}")
     return path, message

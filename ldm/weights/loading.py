@@ -39,6 +39,7 @@ def prepare_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], stri
 
 
 def check_keys(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> None:
+    """One CheckpointError naming the missing and unexpected keys and the shape mismatches of ``sd``."""
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -54,9 +55,9 @@ def check_keys(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> Non
         raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
 
 
-
 @dataclass
 class LoadReport:
+    """What ``load_model`` read: the file, its attention layout, and the training-only entries it left out."""
     path: str
     layout: str | None
     converted: bool

@@ -177,6 +177,7 @@ def take_ema(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def name_list(keys: list[str], limit: int = 6) -> str:
+    """The first ``limit`` names, then how many more: key lists in one-line errors."""
     shown = ", ".join(keys[:limit])
     return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
