@@ -15,7 +15,7 @@ class DiskSpaceError(OSError):
 
 
 def check_disk(path: str, need: int) -> None:
-    """One-line CheckpointError when the folder of ``path`` has less than ``need`` bytes free."""
+    """One-line DiskSpaceError when the folder of ``path`` has less than ``need`` bytes free."""
     folder = os.path.dirname(os.path.abspath(path))
     free = shutil.disk_usage(folder).free
     if need > free:
@@ -70,6 +70,10 @@ def atomic_write(path: str, write: Callable[[BinaryIO, str], None], need: int = 
 
 
 def write_text(path: str, text: str) -> int:
-    """``text`` (UTF-8) to ``path`` through ``atomic_write``; returns the bytes written."""
+    """``text`` (UTF-8) to ``path`` through ``atomic_write``; returns the bytes written. A path that exists and is
+    not a regular file (``/dev/stdout``, a FIFO) is written in place: there is nothing to replace atomically."""
     data = text.encode("utf-8")
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "wb") as f:
+            return f.write(data)
     return atomic_write(path, lambda f, _tmp: f.write(data))

@@ -32,12 +32,13 @@ def child(opt: argparse.Namespace) -> dict:
     """Build, compile and call the UNet once in this process; return the timings and cache counters."""
     import torch
     from torch._dynamo.utils import counters
-    from ldm.speed import runtime
+    from ldm.model.config import DTYPES
     from ldm.model.presets import load_config
     from ldm.model.unet import UNetModel
+    from ldm.speed import runtime
 
     device = runtime.pick_device(opt.device)
-    dtype = runtime.DTYPES[opt.dtype]
+    dtype = DTYPES[opt.dtype]
     cfg = load_config(opt.config).unet
     torch.manual_seed(0)
     unet = UNetModel(cfg).to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -81,21 +82,20 @@ def run_child(opt: argparse.Namespace, cache_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    sys.path.insert(0, ROOT)  # this checkout's ldm
+    from ldm.model.config import DTYPES
+    from ldm.speed.runtime import COMPILE_MODES
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=TINY, help="yaml whose unet_config is built (random weights)")
-    p.add_argument("--mode", default="default", help="compile mode (ldm.speed.runtime.COMPILE_MODES)")
+    p.add_argument("--mode", default="default", choices=list(COMPILE_MODES))
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--latent", type=int, default=8, help="latent height = width (image size / 8)")
     p.add_argument("--warm", type=int, default=1, help="warm-cache runs after the cold one")
     p.add_argument("--keep_cache", default=None, help="use (and keep) this cache directory instead of a temp one")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     opt = p.parse_args(argv)
-    sys.path.insert(0, ROOT)
-    from ldm.speed.runtime import COMPILE_MODES
-    if opt.mode not in COMPILE_MODES:
-        p.error(f"--mode {opt.mode!r}: choose one of {', '.join(COMPILE_MODES)}")
     if not os.path.isfile(opt.config):
         p.error(f"config not found: {opt.config}")
     if opt.warm < 1:

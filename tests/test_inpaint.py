@@ -19,7 +19,8 @@ from helpers import rel_err, script_main
 from ldm.apps import pipelines
 from ldm.model.presets import load_config
 from ldm.weights.loading import load_model
-from ldm.model.diffusion import LatentDiffusion, LatentInpaintDiffusion, inpaint_config
+from ldm.model.diffusion import inpaint_config
+from ldm.models.diffusion.ddpm import LatentDiffusion, LatentInpaintDiffusion
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.samplers.guidance import CFGDenoiser
 

@@ -252,11 +252,13 @@ def test_read_shapes_reads_no_data_and_detects_alike(files):
 
 
 def test_load_model_prepares_the_state_dict_once(files, monkeypatch):
-    """The fast path renames and checks keys once; the loaded class is the core model (no second preparation)."""
-    from ldm.model.diffusion import LatentDiffusion
+    """The fast path renames and checks keys once, and returns the class the yaml names (original load_state_dict)."""
+    from ldm.models.diffusion.ddpm import LatentDiffusion
     from ldm.weights import loading
     calls = []
     real = loading.prepare_state_dict
     monkeypatch.setattr(loading, "prepare_state_dict", lambda *a, **k: calls.append(1) or real(*a, **k))
     model, report = load_model(TINY, files["orig_st"])
     assert calls == [1] and type(model) is LatentDiffusion and report.converted
+    model.load_state_dict(to_original(model.state_dict()))  # the original API's either-layout load still works
+    assert len(calls) == 2

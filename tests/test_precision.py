@@ -152,8 +152,9 @@ def test_ddim_end_to_end(models, dtype):
 @pytest.mark.slow
 def test_medium_unet_bf16():
     from ldm.model.unet import UNetConfig, UNetModel
-    cfg = UNetConfig(model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=(1, 1, 1),
-                     attention_resolutions=(4, 2, 1), num_head_channels=32, context_dim=256)
+    cfg = UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=(1, 1, 1),
+                     attention_resolutions=(4, 2, 1), num_head_channels=32, context_dim=256,
+                     use_linear_in_transformer=True)
     unet = randomize_(UNetModel(cfg).eval())
     g = gen()
     x, t, c = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([10, 900]), torch.randn(2, 77, 256, generator=g)
@@ -166,7 +167,8 @@ def test_medium_unet_bf16():
 @pytest.mark.slow
 def test_medium_vae_bf16():
     from ldm.model.vae import AutoencoderKL, VAEConfig
-    vae = randomize_(AutoencoderKL(VAEConfig(ch=64, ch_mult=(1, 2, 4, 4), num_res_blocks=2)).eval())
+    vae = randomize_(AutoencoderKL(VAEConfig(embed_dim=4, z_channels=4, in_channels=3, out_ch=3, ch=64,
+                                                    ch_mult=(1, 2, 4, 4), num_res_blocks=2)).eval())
     z = torch.randn(1, 4, 16, 16, generator=gen())
     with torch.no_grad():
         reference = vae.decode(z)

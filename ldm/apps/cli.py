@@ -1,4 +1,4 @@
-"""Command-line pieces shared by scripts/txt2img.py, img2img.py and inpaint.py.
+"""Command-line pieces shared by txt2img, img2img and inpaint (``ldm.apps.*``, scripts/*.py).
 
 The scripts parse their own task flags; this module owns the flags every script shares (model,
 device and dtype, attention kernels, speed features), turns them into a loaded, optimised model
@@ -27,7 +27,8 @@ class UserError(Exception):
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--config/--ckpt/--device/--dtype/--precision/--seed/--demo/--debug and the attention kernels."""
     from ldm.model.attention import BACKENDS
-    from ldm.speed.runtime import DTYPES, PRECISIONS
+    from ldm.model.config import DTYPES
+    from ldm.speed.runtime import PRECISIONS
     p.add_argument("--config", type=str, default=None,
                    help="model yaml (default: chosen from the checkpoint's keys, and printed)")
     p.add_argument("--ckpt", type=str, help="path to the checkpoint (.ckpt or .safetensors, either layout)")
@@ -121,11 +122,12 @@ def read_prompts(opt: argparse.Namespace) -> list[list[str]]:
 def setup(opt: argparse.Namespace) -> Runtime:
     """Device, dtype, precision scope and SDPA kernels from the flags, checked to work together."""
     import torch
+    from ldm.model.config import DTYPES
     from ldm.speed import runtime
     device = runtime.pick_device(opt.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    dtype = runtime.DTYPES[opt.dtype or ("bf16" if opt.bf16 else "fp32")]
+    dtype = DTYPES[opt.dtype or ("bf16" if opt.bf16 else "fp32")]
     precision = opt.precision or ("autocast" if device.type == "cuda" else "full")
     backends = runtime.sdpa_backends(opt.disable_math, opt.disable_mem_efficient, opt.disable_flash)
     runtime.check_sdpa(backends, device, dtype)
@@ -133,15 +135,11 @@ def setup(opt: argparse.Namespace) -> Runtime:
 
 
 def resolve_config(opt: argparse.Namespace) -> str:
-    """--config, or the repo config that fits the checkpoint's keys (said on stderr)."""
-    if opt.config:
-        if not os.path.isfile(opt.config):
-            raise UserError(f"config not found: {opt.config}")
-        return opt.config
-    from ldm.weights.detect import guess_config
-    from ldm.weights.reading import read_shapes
-    path, message = guess_config(read_shapes(opt.ckpt), os.path.basename(opt.ckpt))
-    print(message, file=sys.stderr)
+    """--config, or the shipped config that fits the checkpoint's keys (said on stderr)."""
+    from ldm.weights.detect import config_for
+    path, message = config_for(opt.ckpt, opt.config)
+    if message:
+        print(message, file=sys.stderr)
     return path
 
 
@@ -152,8 +150,8 @@ def build_model(opt: argparse.Namespace, rt: Runtime, demo_preset: str = DEMO_PR
     from ldm.model.attention import set_attention_backend
     from ldm.weights.loading import load_model
     if opt.demo:
-        from ldm.model.diffusion import model_class
         from ldm.model.presets import from_name
+        from ldm.weights.loading import model_class
         torch.manual_seed(opt.seed)
         device = torch.device("cpu") if getattr(opt, "offload", False) else rt.device
         cfg = from_name(demo_preset)

@@ -71,7 +71,7 @@ def run(opt: argparse.Namespace) -> dict:
 
     model, model_name = build_model(opt, rt)
     if model.cfg.conditioning_key != "crossattn":
-        raise UserError("img2img needs a text-to-image model; this is an inpainting model (use scripts/inpaint.py)")
+        raise UserError("img2img needs a text-to-image model; this is an inpainting model (use ldm-inpaint, scripts/inpaint.py)")
     sampler, sampler_name = make_sampler(sampler_flag(opt), model, device)
     print("speed: " + ", ".join(optimize(opt, model, rt)), file=sys.stderr)
 

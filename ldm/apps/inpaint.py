@@ -20,7 +20,7 @@ from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model
                           sampler_flag, setup)
 
 DEMO_PRESET = "tiny-inpainting"
-CONFIG_HELP = "configs/stable-diffusion/v2-inpainting-inference.yaml with an SD 2 inpainting checkpoint"
+CONFIG_HELP = "an SD 2 inpainting checkpoint (its config, v2-inpainting-inference.yaml, is found from its keys)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,7 +26,6 @@ import torch
 from ldm.benchmark.measure import write_json
 from ldm.fileio import write_text
 
-PARTS = ("unet", "vae", "text_encoder")
 SOT, EOT = 49406, 49407  # CLIP's start and end tokens (SD 1 also pads with EOT)
 OPENAI_SPECIALS = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
 

@@ -195,18 +195,18 @@ def cache_dir(opt: argparse.Namespace) -> str:
 
 def resolve_config(ckpt: str, config: str | None) -> str:
     """``config``, or the repo yaml that fits the checkpoint's keys and shapes (the guess is printed on stderr)."""
-    from ldm.weights.reading import CheckpointError, read_shapes
-    from ldm.weights.detect import guess_config
-    for path, what in ((ckpt, "checkpoint"), (config, "config")):
-        if path and not os.path.isfile(path):
-            raise SystemExit(f"error: {what} not found: {path}")
-    if config:
-        return config
+    from ldm.weights.detect import config_for
+    from ldm.weights.reading import CheckpointError
+    if ckpt and not os.path.isfile(ckpt):
+        raise SystemExit(f"error: checkpoint not found: {ckpt}")
     try:
-        path, message = guess_config(read_shapes(ckpt), os.path.basename(ckpt))
+        path, message = config_for(ckpt, config)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
     except CheckpointError as e:
         raise SystemExit(f"error: {ckpt}: {e}") from None
-    print(message, file=sys.stderr)
+    if message:
+        print(message, file=sys.stderr)
     return path
 
 

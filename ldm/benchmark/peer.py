@@ -158,7 +158,7 @@ def run(opt: argparse.Namespace) -> dict:
     """txt2img's timing protocol for the peer: a warm-up iteration, then ``n_iter`` timed ones (seed, noise alike)."""
     from ldm.speed import runtime
     device = runtime.pick_device(opt.device)
-    dtype = runtime.DTYPES[opt.dtype]
+    dtype = DTYPES[opt.dtype]
     pipe = build_pipeline(opt.weights, device, dtype)
     optimize_peer(pipe, opt, device)
     shape = [4, opt.H // 8, opt.W // 8]

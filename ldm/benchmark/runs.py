@@ -34,7 +34,8 @@ class Config:
 def child_env(opt: argparse.Namespace) -> dict[str, str]:
     """The environment of every run: this ldm importable, unbuffered output, the --threads choice."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    if PACKAGE_PARENT not in sys.path:  # a checkout run as a folder; an installed ldm is on the path already
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if opt.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opt.threads)
@@ -64,7 +65,7 @@ def code_version() -> str:
     """The commit of the checkout ldm runs from, with "+changes" when tracked files differ from it; installed
     (no checkout), the package version."""
     from ldm import __version__
-    if not os.path.isdir(os.path.join(PACKAGE_PARENT, ".git")):
+    if not os.path.exists(os.path.join(PACKAGE_PARENT, ".git")):  # a file in a git worktree
         return f"ldm-fast {__version__} (installed)"
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PACKAGE_PARENT, capture_output=True,

@@ -225,7 +225,7 @@ def run(opt: argparse.Namespace) -> dict:
     """Load, time, profile and size the UNet of one configuration; the results as a json-ready dict."""
     from ldm.speed import runtime
     device = runtime.pick_device(opt.device)
-    dtype = runtime.DTYPES[opt.dtype or ("bf16" if opt.bf16 else "fp32")]
+    dtype = DTYPES[opt.dtype or ("bf16" if opt.bf16 else "fp32")]
     backends = runtime.sdpa_backends(opt.disable_math, opt.disable_mem_efficient, opt.disable_flash)
     precision = opt.precision or ("autocast" if device.type == "cuda" else "full")
     scopes = lambda: _scopes(runtime, backends, precision, device, dtype)

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ldm.model.config import DTYPES  # noqa: F401 (re-exported: the dtype names of the flags)
 
 
 

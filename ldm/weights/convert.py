@@ -29,6 +29,7 @@ import torch
 
 from ldm.fileio import atomic_write
 from ldm.model.config import DTYPES
+from ldm.model.presets import load_config
 from ldm.model.schedule import BUFFER_NAMES
 from ldm.weights.detect import config_note, guess_config
 from ldm.weights.families import describe, identify
@@ -163,17 +164,13 @@ def staged(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], produce: Calla
 # ----------------------------------------------------------------------------- the --check
 
 def unet_config(config: str):
-    """The UNetConfig of an original yaml: --check needs only the UNet (so an SD 1.x yaml works too)."""
-    from omegaconf import OmegaConf
-    from ldm.model.config import to_plain
-    from ldm.model.unet import UNetConfig
-    if not os.path.isfile(config):
-        raise UsageError(f"config not found: {config}")
+    """The UNetConfig of a model yaml (--check runs the UNet only)."""
     try:
-        node = to_plain(OmegaConf.load(config))
-        return UNetConfig.from_params(node["model"]["params"]["unet_config"]["params"])
+        return load_config(config).unet
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"--config {config}: no usable model.params.unet_config ({e})") from e
+        raise CheckpointError(f"--config {config}: not a usable model config ({e})") from e
 
 
 @torch.no_grad()

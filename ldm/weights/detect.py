@@ -17,7 +17,7 @@ import torch
 
 from ldm.model.presets import PRESETS, config_file, config_shown
 from ldm.weights.families import Family, identify
-from ldm.weights.reading import CheckpointError, unwrap_state_dict
+from ldm.weights.reading import CheckpointError, read_shapes, unwrap_state_dict
 
 PREDICTION_WORDS = {"v": "v-prediction (as the 768px SD 2.x models)",
                     "eps": "eps-prediction (as the 512px SD 2.x models)"}
@@ -45,6 +45,16 @@ def config_note(family: Family, layout: str) -> str:
         return f"{family.name} predicts {pred}: use {name}"
     return ("eps vs v prediction is not stored in the weights; the config decides: " +
             ", ".join(f"{name} for {PREDICTION_WORDS.get(pred, pred)}" for pred, name in names.items()))
+
+
+def config_for(ckpt: str, config: str | None = None) -> tuple[str, str | None]:
+    """(yaml, message): ``config`` when given (it must exist), else the shipped yaml that fits the checkpoint's
+    keys and shapes, read from its header only, with the one-line message that says so."""
+    if config:
+        if not os.path.isfile(config):
+            raise FileNotFoundError(f"config not found: {config}")
+        return config, None
+    return guess_config(read_shapes(ckpt), os.path.basename(ckpt))
 
 
 def guess_config(sd: dict[str, torch.Tensor], name: str | None = None) -> tuple[str, str]:

@@ -1,16 +1,23 @@
-"""Loading a ready model: build on the meta device, prepare the state dict once, load strictly with assign=True."""
+"""Loading a model: the fast path (``load_model``: meta-device build, the state dict prepared once, a strict
+``assign=True`` load) and the classes the original yamls name, whose ``load_state_dict`` keeps the original
+contract (either attention layout, training-only entries ignored).
+
+The original scripts build the model from the yaml (``ldm.models.diffusion.ddpm.LatentDiffusion``) and call
+``model.load_state_dict(sd, strict=False)`` with a checkpoint as released; that call prepares the state dict
+(``prepare_state_dict``) and then loads it. ``load_model`` returns the same classes, prepared once.
+"""
 
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
+from ldm.model import diffusion
 from ldm.model.attention import set_attention_backend
-from ldm.model.diffusion import model_class
 from ldm.model.presets import load_config
 from ldm.model.schedule import BUFFER_NAMES
 from ldm.weights.layout import detect_layout, to_native
@@ -55,6 +62,27 @@ def check_keys(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> Non
         raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
 
 
+class LoadsReleasedCheckpoints:
+    """``load_state_dict`` that accepts either attention layout and ignores known training-only entries."""
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        sd = prepare_state_dict(self, dict(state_dict), strict=strict)
+        return torch.nn.Module.load_state_dict(self, sd, strict=strict, assign=assign)
+
+
+class LatentDiffusion(LoadsReleasedCheckpoints, diffusion.LatentDiffusion):
+    """``ldm.model.diffusion.LatentDiffusion`` with the original ``load_state_dict``."""
+
+
+class LatentInpaintDiffusion(LoadsReleasedCheckpoints, diffusion.LatentInpaintDiffusion):
+    """``ldm.model.diffusion.LatentInpaintDiffusion`` with the original ``load_state_dict``."""
+
+
+def model_class(cfg: diffusion.DiffusionConfig) -> type[diffusion.LatentDiffusion]:
+    """The class that runs ``cfg`` (inpainting or not), with the original ``load_state_dict``."""
+    return LatentInpaintDiffusion if diffusion.model_class(cfg) is diffusion.LatentInpaintDiffusion else LatentDiffusion
+
+
 @dataclass
 class LoadReport:
     """What ``load_model`` read: the file, its attention layout, and the training-only entries it left out."""
@@ -82,7 +110,8 @@ def load_model(config: Any, ckpt: str | os.PathLike, device: str | torch.device 
     _, dropped = split_extras(raw)
     with torch.device("meta"):
         model = model_class(cfg)(cfg)
-    model.load_state_dict(prepare_state_dict(model, raw, strict=True, ema=ema), strict=True, assign=True)
+    prepared = prepare_state_dict(model, raw, strict=True, ema=ema)  # once: the plain nn.Module load follows
+    torch.nn.Module.load_state_dict(model, prepared, strict=True, assign=True)
     step("load")
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
