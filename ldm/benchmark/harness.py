@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_txt2img"]:
         return txt2img_child(argv[1:])
+    if "--window" in argv:  # the GPU proof in one short window (ldm.benchmark.window)
+        from ldm.benchmark.window import main as window_main
+        return window_main([a for a in argv if a != "--window"])
     from ldm.benchmark import report
     from ldm.speed.runtime import pick_device
     opt = parse_args(argv)

@@ -34,13 +34,14 @@ from ldm.model.config import DTYPES
 from ldm.speed.runtime import COMPILE_MODES, synchronize
 
 
-def load_part(factory, path: str) -> torch.nn.Module:
-    """Build on the meta device and load strictly with assign=True (mmap'd).
+def load_part(factory, source: str | dict) -> torch.nn.Module:
+    """Build on the meta device and load strictly with assign=True, from an export file (mmap'd) or a state dict.
 
     transformers >= 5.6 dropped CLIPTextModel's ``text_model.`` prefix, which the converter still writes;
     the position ids (derived, not in SD checkpoints) are filled in.
     """
-    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    path = source if isinstance(source, str) else "state dict"
+    sd = torch.load(source, map_location="cpu", mmap=True, weights_only=True) if isinstance(source, str) else source
     with torch.device("meta"):
         module = factory()
     own = dict(module.state_dict(keep_vars=True))
