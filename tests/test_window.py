@@ -18,7 +18,7 @@ def test_dry_run_walks_every_part_on_the_cpu(tmp_path):
     assert window.main(["--dry_run", "--compile_backend", "eager", "--steps", "4", "--iters", "1",
                         "--out", str(out)]) == 0
     text = out.read_text()
-    for part in ("environment", "checks", "unet", "end_to_end", "profile"):
+    for part in ("environment", "checks", "unet", "end_to_end", "profile", "blog_table"):
         assert f"## {part}\n" in text and f"({part}: " in text, part
     assert "failed" not in text and "FAIL" not in text
     checks = [line for line in text.splitlines() if line.endswith("| ok |")]
@@ -34,6 +34,18 @@ def test_dry_run_walks_every_part_on_the_cpu(tmp_path):
     # 2 sides x batch 1 x (warm-up + 3 timed) x (latents + whole image) runs of `steps` compiled calls + decode
     assert e["end_to_end"] == pytest.approx(2 * 2 * 4 * (4 / wm.H100_BEST_IT_S + 0.06))
     assert "TFLOP" in text
+
+
+@pytest.mark.slow
+def test_blog_table_part_runs_the_harness_on_the_tiny_preset(tmp_path):
+    """Part 6 (full size only unless asked): the fresh-process table, its markdown appended to the report."""
+    pytest.importorskip("diffusers")
+    from ldm.benchmark.window_parts import blog_table
+    w, _ = _fake_window(tmp_path, 600)
+    w.opt.tiny = w.opt.blog_table = True
+    blog_table(w)
+    text = (tmp_path / "r.md").read_text()
+    assert "| D | SDPA mem-efficient/flash, no compile | 1 |" in text and "| P | diffusers" in text
 
 
 def test_unet_flops_scale_as_the_architecture_says():

@@ -13,7 +13,8 @@ when the time budget (``--budget_s``) still holds its estimate, else skipped wit
      interleaved: eager SDPA; + fused projections + channels_last; compile default; reduce-overhead;
      max-autotune-no-cudagraphs and int8 when the budget allows; compile time beside each;
   4. end to end, 512x512, 50 PLMS steps, batch 1 (4 if the budget allows): each side's best UNet of part 3;
-  5. the top 10 kernels of one compiled UNet call of ours.
+  5. the top 10 kernels of one compiled UNet call of ours;
+  6. only with time left: the blog's table (A-E and the peer) in its fresh-process protocol, batch 1.
 
 Compiled modules are made once and reused by every part. ``--tiny`` runs the same code on the tiny preset (the CPU
 walk a CI test makes); ``--dry_run`` is that walk plus each part's estimated seconds on an H100 at full size.
@@ -135,6 +136,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile_backend", default="inductor",
                    help="dynamo backend; 'eager' makes a CPU walk quick (no code generation)")
     p.add_argument("--no_peer", action="store_true", help="leave diffusers out")
+    p.add_argument("--blog_table", action="store_true", help="with --tiny: walk part 6 too (fresh processes)")
     p.add_argument("--seed", type=int, default=0)
     opt = p.parse_args(argv)
     if opt.dry_run:
@@ -190,7 +192,7 @@ def dry_run_estimates(w: Window) -> None:
     e = w.estimate
     row = w.report.table(["part", "estimated H100 s (full SD 2)"])
     for name in ("build", "environment", "checks", "unet", "unet_optional", "end_to_end", "end_to_end_batch4",
-                 "profile"):
+                 "profile", "blog_table"):
         row([name, f"{e[name]:.0f}"])
     must = sum(e[k] for k in ("build", "environment", "checks", "unet", "end_to_end", "profile"))
     w.report(f"\nSD 2 UNet call (guided batch 2, 64x64 latent): {e['unet_tflop']:.2f} TFLOP; at the published "

@@ -318,5 +318,26 @@ def profile(w) -> None:
         row([r["op"][:90].replace("|", "/"), r["calls"], f"{r['self_ms']:.3f}", f"{r['share']:.1%}"])
 
 
+def blog_table(w) -> None:
+    """Part 6, only with time left: the blog's table (A-E and the peer) in its fresh-process protocol, batch 1,
+    as ``ldm-benchmark`` runs it (a random checkpoint on disk, one process per run), cut off at the budget."""
+    import os
+    import sys
+    if w.opt.tiny and not w.opt.blog_table:
+        w.report("Full size only (--blog_table walks it on the tiny preset).")
+        return
+    out = os.path.join(os.path.dirname(os.path.abspath(w.report.path or "outputs/x")), "window-blog")
+    size = ["--device", "cpu", "--H", "64", "--W", "64", "--steps", "2", "--unet_iters", "1"] if w.opt.tiny else []
+    cmd = [sys.executable, "-m", "ldm.benchmark.harness", "--random", "tiny" if w.opt.tiny else "sd2", "--batch", "1",
+           "--repeats", "1", "--configs", "A,C,D,E,P", "--fit", "none", "--outdir", out, "--name", "blog", *size]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(w.budget.left() - 5, 1))
+        code = done.returncode
+    except subprocess.TimeoutExpired:
+        code = "cut off at the budget"
+    md = os.path.join(out, "blog.md")
+    w.report(open(md, encoding="utf-8").read() if os.path.isfile(md) else f"no table (exit {code})")
+
+
 PARTS = (("environment", environment), ("checks", checks), ("unet", unet_part), ("end_to_end", end_to_end),
-         ("profile", profile))
+         ("profile", profile), ("blog_table", blog_table))
