@@ -66,6 +66,24 @@ def test_unsupported_options_are_errors(tiny_model):
         _sample(tiny_model, PLMSSampler, 0.1)
 
 
+@pytest.mark.parametrize("cls", [DDIMSampler, PLMSSampler, DPMSolverSampler])
+def test_batch_size_must_match_the_conditioning(tiny_model, cls):
+    """The original warned and then failed inside attention; here a mismatch is one clear error, before sampling."""
+    c = tiny_model.get_learned_conditioning(["a cat"] * 2)
+    uc = tiny_model.get_learned_conditioning([""] * 2)
+    with pytest.raises(ValueError, match=r"got 2 conditioning row\(s\) but batch_size is 3"):
+        cls(tiny_model).sample(S=2, conditioning=c, batch_size=3, shape=[4, 8, 8], verbose=False)
+    with pytest.raises(ValueError, match=r"got 2 unconditional_conditioning row\(s\) but batch_size is 1"):
+        cls(tiny_model).sample(S=2, conditioning=c[:1], batch_size=1, shape=[4, 8, 8], verbose=False,
+                               unconditional_guidance_scale=7.5, unconditional_conditioning=uc)
+    with pytest.raises(ValueError, match="x_T holds 1 samples but batch_size is 2"):
+        cls(tiny_model).sample(S=2, conditioning=c, batch_size=2, shape=[4, 8, 8], verbose=False,
+                               x_T=torch.zeros(1, 4, 8, 8))
+    dict_cond = {"c_crossattn": [c]}  # the original's dict form counts its first leaf
+    with pytest.raises(ValueError, match="got 2 conditioning"):
+        cls(tiny_model).sample(S=2, conditioning=dict_cond, batch_size=4, shape=[4, 8, 8], verbose=False)
+
+
 def test_progress_bar_follows_verbose(tiny_model, capsys):
     _sample(tiny_model, DDIMSampler, verbose=True, S=2)
     assert "DDIM" in capsys.readouterr().err

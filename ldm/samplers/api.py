@@ -40,6 +40,20 @@ def _check_unsupported(quantize_x0: bool, mask: Any, temperature: float, noise_d
         raise NotImplementedError(f"sampler options not supported by this inference-only port: {names}")
 
 
+def _batch_of(cond: Any) -> int | None:
+    """The batch size of a conditioning: a tensor, or the original's list/dict of them (its first leaf)."""
+    while isinstance(cond, (dict, list, tuple)) and cond:
+        cond = next(iter(cond.values())) if isinstance(cond, dict) else cond[0]
+    return cond.shape[0] if isinstance(cond, torch.Tensor) and cond.dim() > 0 else None
+
+
+def _check_batch(what: str, cond: Any, batch_size: int) -> None:
+    """The original warned "Got N conditionings but batch-size is M" and then failed deep inside attention."""
+    n = _batch_of(cond)
+    if n is not None and n != batch_size:
+        raise ValueError(f"got {n} {what} row(s) but batch_size is {batch_size}: give one per sample")
+
+
 class LDMSampler:
     """Holds the model and device; ``sample()`` takes the original keyword arguments and returns (x, intermediates)."""
 
@@ -88,6 +102,10 @@ class LDMSampler:
         """
         _check_unsupported(quantize_x0, mask, temperature, noise_dropout, score_corrector, dynamic_threshold,
                            ucg_schedule)
+        for what, cond in (("conditioning", conditioning), ("unconditional_conditioning", unconditional_conditioning)):
+            _check_batch(what, cond, batch_size)
+        if x_T is not None and x_T.shape[0] != batch_size:
+            raise ValueError(f"x_T holds {x_T.shape[0]} samples but batch_size is {batch_size}")
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
         size = (batch_size, *shape)
         # generator=None draws from the global RNG, like the original's torch.randn(shape, device=device)
