@@ -1,12 +1,22 @@
 """Files written whole or not at all: every file the package writes (images, checkpoints, reports) goes
-through ``atomic_write``. A leaf module: it imports nothing from ldm, so every layer may use it."""
+through ``atomic_write``. A leaf module: it imports nothing from ldm, so every layer may use it.
+
+Temporary files lie beside their target as ``.{stem}.partial-{host}.{pid}-XXXX{suffix}``. A writer killed
+outright (SIGKILL, power loss) cannot remove its own, so the next write to the same target removes the
+stale ones (``remove_stale_partials``): a file of this host whose writer pid is gone, or any other (another
+host's, which cannot be asked, or one named before pids were) once untouched for ``STALE_AFTER`` seconds.
+A file that a live writer on this host is writing is never removed, however slow it is.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from typing import BinaryIO, Callable
 
 
@@ -36,18 +46,71 @@ def _disk_full(e: BaseException, folder: str) -> bool:
         return False
 
 
+STALE_AFTER = 3600.0  # seconds untouched before a partial file whose writer cannot be asked counts as stale
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def partial_file(path: str, suffix: str | None = None) -> tuple[int, str]:
+    """(fd, name) of a new temporary file beside ``path``, named for it and this writer (host and pid) so that
+    ``remove_stale_partials(path)`` can tell when it is left over; ``suffix`` defaults to ``path``'s."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stem, ext = os.path.splitext(name)
+    return tempfile.mkstemp(prefix=f".{stem}.partial-{_host()}.{os.getpid()}-", dir=folder,
+                            suffix=ext if suffix is None else suffix)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` of this (POSIX) host runs; True when that cannot be told."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs as another user
+        return True
+    return True
+
+
+def remove_stale_partials(path: str) -> list[str]:
+    """Remove the temporary files of ``path`` that dead writers left (see the module docstring); returns them."""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"\.{re.escape(os.path.splitext(name)[0])}\.partial-(?:([A-Za-z0-9]+)\.(\d+)-)?.+")
+    removed = []
+    host, now = _host(), time.time()
+    for entry in os.listdir(folder):
+        m = pattern.fullmatch(entry)
+        if m is None:
+            continue
+        full = os.path.join(folder, entry)
+        try:
+            if m.group(1) == host and os.name == "posix":  # on Windows os.kill(pid, 0) would end the process
+                stale = not _running(int(m.group(2)))
+            else:
+                stale = now - os.stat(full).st_mtime > STALE_AFTER
+            if stale and os.path.isfile(full):
+                os.remove(full)
+                removed.append(full)
+        except OSError:  # removed meanwhile by another writer, or not ours to remove
+            continue
+    return removed
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO, str], None], need: int = 0) -> int:
     """Run ``write(file, temp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     On any error (or Ctrl-C) the temporary file is removed and ``path`` is untouched. The temporary
-    name keeps the suffix so readers that sniff it still work. ``need`` (bytes, 0 = unknown) is checked
-    against the free disk space first, and a full disk is reported in one line either way.
-    Returns the bytes written.
+    name keeps the suffix so readers that sniff it still work; stale ones of ``path`` that killed writers left are
+    removed first. ``need`` (bytes, 0 = unknown) is checked against the free disk space (after that cleanup),
+    and a full disk is reported in one line either way. Returns the bytes written.
     """
+    remove_stale_partials(path)
     check_disk(path, need)
-    folder, name = os.path.split(os.path.abspath(path))
-    stem, suffix = os.path.splitext(name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.partial-", suffix=suffix, dir=folder)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = partial_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f, tmp)

@@ -7,7 +7,7 @@ import sys
 
 from ldm.model.config import DTYPES
 from ldm.weights.convert import ConversionReport, UsageError, convert
-from ldm.weights.reading import CheckpointError
+from ldm.weights.reading import CheckpointError, name_list
 
 
 def _group(names: list[str]) -> str:
@@ -26,6 +26,9 @@ def summary(r: ConversionReport) -> list[str]:
              f"note:    {r.note}"]
     if r.ema:
         lines.append("ema:     UNet weights taken from model_ema.*")
+    if r.clamped:
+        lines.append(f"clamped: {sum(r.clamped.values())} value(s) in {len(r.clamped)} tensor(s) to the {r.dtype} "
+                     f"range: {name_list(list(r.clamped), 4)}")
     if r.dropped:
         lines.append(f"dropped: {len(r.dropped)} training-only tensors: {_group(r.dropped)}")
     if r.not_carried:
@@ -49,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="dtype of the saved floating weights (default: as stored); schedule buffers stay fp32")
     p.add_argument("--half", action="store_const", dest="dtype", const="fp16", help="same as --dtype fp16")
+    p.add_argument("--clamp", action="store_true",
+                   help="with --dtype: clamp finite values beyond the dtype's range (they would become inf) "
+                        "instead of refusing the file")
     p.add_argument("--check", action="store_true",
                    help="compare the UNet output of the input and the written file on a seeded input")
     p.add_argument("--config", default=None,
@@ -63,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         report = convert(args.input, args.output, to=args.to, ema=args.ema, dtype=args.dtype, check=args.check,
-                         config=args.config, progress=False if args.quiet else None)
+                         config=args.config, progress=False if args.quiet else None, clamp=args.clamp)
     except Exception as e:
         if args.debug:
             raise

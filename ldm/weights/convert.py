@@ -3,8 +3,10 @@
 ``python scripts/convert_checkpoint.py model.ckpt model_native_mha.ckpt`` (or ``ldm-convert``) is the
 step the PyTorch 2 blog describes as "converted model weights to the new architecture". The key
 renames themselves live in ``ldm.weights.layout.to_native``/``to_original``; this module adds the file
-handling around them: safe reading, EMA selection, dtype casting, dropping training-only entries,
-an atomic write, and an optional check that both layouts give the same UNet output.
+handling around them: safe reading, EMA selection, dtype casting (refusing values the cast would turn
+into inf, or clamping them when asked), dropping training-only entries, an atomic write, and an optional
+check that both layouts give the same UNet output. The CLIP text tower is written in its canonical
+``text_model.`` form whichever form the source used.
 
 Memory: inputs are mmap'd, so unchanged tensors are written straight from the page cache;
 .safetensors output is streamed one tensor at a time (casting as it goes); a .ckpt with a new dtype
@@ -20,21 +22,20 @@ import math
 import os
 import struct
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
 
 import torch
 
-from ldm.fileio import atomic_write
+from ldm.fileio import atomic_write, partial_file
 from ldm.model.config import DTYPES
 from ldm.model.presets import load_config
 from ldm.model.schedule import BUFFER_NAMES
 from ldm.weights.detect import config_note, guess_config
 from ldm.weights.families import describe, identify
-from ldm.weights.layout import detect_layout, to_native, to_original
-from ldm.weights.reading import CheckpointError, read_checkpoint, split_extras, take_ema
+from ldm.weights.layout import canonical_text_keys, detect_layout, to_native, to_original
+from ldm.weights.reading import CheckpointError, name_list, read_checkpoint, split_extras, take_ema
 
 UNET_PREFIX = "model.diffusion_model."
 LAYOUTS = {"native": "native_mha", "native_mha": "native_mha", "original": "original"}
@@ -59,6 +60,7 @@ class ConversionReport:
     tensors: int = 0
     dtype: str = "as stored"
     ema: bool = False
+    clamped: dict[str, int] = field(default_factory=dict)  # name -> values clamped to the target dtype's range
     dropped: list[str] = field(default_factory=list)      # training-only tensors left out
     not_carried: list[str] = field(default_factory=list)  # non-tensor entries / metadata left out
     bytes_written: int = 0
@@ -97,6 +99,26 @@ def target_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch
     if dtype is None or not t.is_floating_point():
         return t.dtype
     return torch.float32 if name in BUFFER_NAMES else dtype
+
+
+def overflows(sd: dict[str, torch.Tensor], specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, int]:
+    """Name -> how many finite values of ``sd`` become inf when cast to their ``specs`` dtype (fp16: |x| >= 65520)."""
+    found = {}
+    for name, t in sd.items():
+        dtype = specs[name][0]
+        if not t.is_floating_point() or torch.finfo(dtype).max >= torch.finfo(t.dtype).max:
+            continue
+        big = t[t.abs() >= torch.finfo(dtype).max]  # (n,) candidates; NaN compares false, inf stays inf
+        count = int((torch.isinf(big.to(dtype)) & torch.isfinite(big)).sum()) if big.numel() else 0
+        if count:
+            found[name] = count
+    return found
+
+
+def clamp_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` with its finite values clamped to the range of ``dtype`` (infinities and NaNs as stored)."""
+    limit = torch.finfo(dtype).max
+    return torch.where(torch.isfinite(t), t.clamp(-limit, limit), t)
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -152,7 +174,7 @@ def staged(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], produce: Calla
     ``torch.save`` needs every tensor at once: cast tensors staged on disk cost page cache, not
     RAM, and the caller's mmap'd input is unmapped once ``produce`` has popped its last tensor.
     """
-    fd, path = tempfile.mkstemp(prefix=".staged-", suffix=".safetensors", dir=os.path.dirname(os.path.abspath(beside)))
+    fd, path = partial_file(beside, suffix=".safetensors")  # named for the target: a killed run's is cleaned up
     try:
         with os.fdopen(fd, "wb") as f:
             write_safetensors(f, specs, produce, None, progress)
@@ -222,7 +244,7 @@ def output_format(path: str) -> str:
 
 def convert(source: str | os.PathLike, target: str | os.PathLike, to: str = "native_mha", ema: bool = False,
             dtype: str | None = None, check: bool = False, config: str | None = None,
-            progress: bool | None = None) -> ConversionReport:
+            progress: bool | None = None, clamp: bool = False) -> ConversionReport:
     """Convert ``source`` to layout ``to`` and write ``target`` atomically; see the module docstring."""
     from tqdm import tqdm
     start = time.perf_counter()
@@ -232,11 +254,14 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, to: str = "nat
         raise UsageError(f"unknown layout {to!r}: use native or original")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if clamp and dtype is None:
+        raise UsageError("--clamp needs --dtype: it clamps the values that the cast would overflow")
     if os.path.exists(source) and os.path.exists(target) and os.path.samefile(source, target):
         raise UsageError(f"refusing to overwrite the input file {source}")
     to = LAYOUTS[to]
 
     sd, meta = read_checkpoint(source)
+    sd = canonical_text_keys(sd)
     layout_in = source_layout(sd)
     if ema:
         sd = take_ema(sd)
@@ -255,9 +280,19 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, to: str = "nat
     cast = DTYPES.get(dtype)
     specs = {k: (target_dtype(k, v, cast), tuple(v.shape)) for k, v in sd.items()}
     report.tensors = len(specs)
+    over = overflows(sd, specs)
+    if over and not clamp:
+        limit = torch.finfo(cast).max
+        raise CheckpointError(f"--dtype {dtype}: {len(over)} tensor(s) hold finite values beyond the {dtype} range "
+                              f"(+-{limit:g}) that would become inf: "
+                              f"{name_list([f'{k} ({n} value(s))' for k, n in over.items()], 3)}; "
+                              f"pass --clamp to clamp them to the range")
+    report.clamped = over
 
     def produce(name: str) -> torch.Tensor:
         t = sd.pop(name)  # free the source reference as we go
+        if name in over:
+            t = clamp_to(t, specs[name][0])
         return _own_storage(t.to(specs[name][0]))
 
     restage = fmt != "safetensors" and any(specs[k][0] != v.dtype for k, v in sd.items())
@@ -268,7 +303,7 @@ def convert(source: str | os.PathLike, target: str | os.PathLike, to: str = "nat
                         "dtype": dtype or "as stored", "ema": str(ema).lower(), "converted_by": "ldm-convert"}
             write_safetensors(f, specs, produce, metadata, progress)
         elif restage:
-            with staged(specs, produce, tmp, progress) as state:  # the mmap'd input is released first
+            with staged(specs, produce, target, progress) as state:  # the mmap'd input is released first
                 torch.save({"state_dict": state}, f)
         else:
             names = tqdm(list(specs), desc="preparing", unit="tensor", disable=_no_bar(progress))

@@ -1,8 +1,13 @@
-"""The two attention layouts of a checkpoint and every rename between them (one table: this file).
+"""The two attention layouts of a checkpoint and every rename between them, and the text tower's key prefixes
+(one table: this file).
 
   original    ``...attn1.to_q.weight``, ``to_k``, ``to_v`` (no bias), ``to_out.0.weight/bias``
   native_mha  ``...attn1.in_proj_weight`` (self-attention: Q,K,V packed), ``...attn2.q_proj_weight``/
               ``k_proj_weight``/``v_proj_weight`` (cross-attention), ``in_proj_bias``, ``out_proj.weight/bias``
+
+The CLIP text tower is ``...transformer.text_model.{embeddings,encoder,final_layer_norm}...`` (transformers < 5,
+the form the model and the converter use); transformers 5 and some early SD 1.x files save it without the
+``text_model.`` level. Both read alike (``canonical_text_keys``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,12 @@ import torch
 from ldm.weights.reading import CheckpointError
 
 
+# prefix as some writers save it -> the canonical prefix, for keys that continue with one of CLIP_PARTS
+TEXT_RENAMES = {
+    "cond_stage_model.transformer.": "cond_stage_model.transformer.text_model.",  # SD 1.x CLIP ViT-L/14
+    "conditioner.embedders.0.transformer.": "conditioner.embedders.0.transformer.text_model.",  # SDXL (unsupported)
+}
+CLIP_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
 _ORIG_ATTN = re.compile(r"^(.*\.attn[12])\.to_q\.weight$")
 _NATIVE_ATTN = re.compile(r"^(.*\.attn[12])\.(in_proj_weight|q_proj_weight)$")
 
@@ -65,3 +76,21 @@ def to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def text_key(key: str) -> str:
+    """The canonical name of a CLIP text-tower key (``...transformer.text_model.*``); other keys unchanged."""
+    for old, new in TEXT_RENAMES.items():
+        if key.startswith(old) and key[len(old):].startswith(CLIP_PARTS):
+            return new + key[len(old):]
+    return key
+
+
+def canonical_text_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` with its CLIP text-tower keys in the canonical form; refuses a weight stored in both forms."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        name = text_key(key)
+        if name in out:
+            raise CheckpointError(f"checkpoint holds the text encoder weight {name} twice, with and without "
+                                  f"the text_model. level")
+        out[name] = value
+    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -20,16 +21,17 @@ from ldm.model import diffusion
 from ldm.model.attention import set_attention_backend
 from ldm.model.presets import load_config
 from ldm.model.schedule import BUFFER_NAMES
-from ldm.weights.layout import detect_layout, to_native
+from ldm.weights.layout import canonical_text_keys, detect_layout, to_native
 from ldm.weights.reading import (DERIVED_KEYS, CheckpointError, name_list, read_checkpoint, split_extras, take_ema,
                                  unwrap_state_dict)
 
 
 def prepare_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], strict: bool = True,
                        ema: bool = False) -> dict[str, torch.Tensor]:
-    """Unwrap, pick EMA if asked, drop training extras, convert the layout, fill derived schedule buffers,
-    and (strict) check keys and shapes against ``model``, raising one CheckpointError naming them."""
-    sd = unwrap_state_dict(dict(sd))
+    """Unwrap, pick EMA if asked, drop training extras, rename the text tower and convert the attention layout,
+    fill derived schedule buffers, and check against ``model``: dtype kinds always, keys and shapes if
+    ``strict``, raising one CheckpointError naming them."""
+    sd = canonical_text_keys(unwrap_state_dict(dict(sd)))
     if ema:
         sd = take_ema(sd)
     sd, _ = split_extras(sd)
@@ -42,11 +44,28 @@ def prepare_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], stri
             sd[name] = own[name]
     if strict:
         check_keys(own, sd)
+    elif wrong := dtype_mismatches(own, sd):
+        raise CheckpointError(f"checkpoint does not match the config: {_dtype_problem(wrong)}")
     return sd
 
 
+def _kind(t: torch.Tensor) -> str:
+    return "complex" if t.is_complex() else "floating" if t.is_floating_point() else "integer/bool"
+
+
+def dtype_mismatches(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of ``sd`` whose dtype is of another kind than the model's (e.g. int64 for a float weight): a cast
+    would load them silently, and an ``assign=True`` load would fail only while sampling."""
+    return [f"{k} {str(sd[k].dtype).removeprefix('torch.')} vs model {str(own[k].dtype).removeprefix('torch.')}"
+            for k in own if k in sd and _kind(sd[k]) != _kind(own[k])]
+
+
+def _dtype_problem(names: list[str]) -> str:
+    return f"{len(names)} dtype mismatch(es): {name_list(names, 3)}"
+
+
 def check_keys(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> None:
-    """One CheckpointError naming the missing and unexpected keys and the shape mismatches of ``sd``."""
+    """One CheckpointError naming the missing and unexpected keys, the shape and the dtype-kind mismatches."""
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -58,16 +77,25 @@ def check_keys(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> Non
         problems.append(f"{len(unexpected)} unexpected key(s): {name_list(unexpected)}")
     if shapes:
         problems.append(f"{len(shapes)} shape mismatch(es): {name_list(shapes, 3)}")
+    dtypes = dtype_mismatches(own, sd)
+    if dtypes:
+        problems.append(_dtype_problem(dtypes))
     if problems:
         raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
 
 
 class LoadsReleasedCheckpoints:
-    """``load_state_dict`` that accepts either attention layout and ignores known training-only entries."""
+    """``load_state_dict`` that accepts either attention layout and ignores known training-only entries; with
+    ``strict=False`` it warns about the keys it skipped (a missing text tower would otherwise stay random)."""
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         sd = prepare_state_dict(self, dict(state_dict), strict=strict)
-        return torch.nn.Module.load_state_dict(self, sd, strict=strict, assign=assign)
+        result = torch.nn.Module.load_state_dict(self, sd, strict=strict, assign=assign)
+        skipped = [f"{len(names)} {what} key(s): {name_list(names, 4)}" for what, names in
+                   (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if names]
+        if skipped:
+            warnings.warn(f"load_state_dict(strict=False) ignored {'; '.join(skipped)}", stacklevel=2)
+        return result
 
 
 class LatentDiffusion(LoadsReleasedCheckpoints, diffusion.LatentDiffusion):

@@ -4,7 +4,11 @@ entries and EMA weights. Nothing here knows the model: it reads names and tensor
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import struct
+import zipfile
 from typing import Any
 
 import torch
@@ -43,18 +47,16 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     globals real SD checkpoints carry are accepted. Nested ``state_dict`` entries are unwrapped.
     Metadata: the safetensors header's, or for a pickle its non-tensor entries (``global_step``,
     ``optimizer_states``...) as short text, so that callers can say what they leave behind.
+    A torch zip is memory-mapped only when ``check_zip`` finds every tensor record mappable; anything else
+    (e.g. a file re-zipped with DEFLATE) is read through the zip reader, so one file gives one set of weights.
     """
     path = os.fspath(path)
     if _is_safetensors(path):
         return _read_safetensors(path)
+    mmap = zipfile.is_zipfile(path) and check_zip(path)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
@@ -77,6 +79,120 @@ def _is_safetensors(path: str) -> bool:
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):
         raise CheckpointError(f"not a checkpoint: {path} is neither a torch .ckpt (zip or pickle) nor safetensors")
     return False
+
+
+# Bytes per element of the storage classes a torch pickle names (torch.<Name>); UntypedStorage counts bytes.
+_ITEMSIZES = {"UntypedStorage": 1, "ByteStorage": 1, "CharStorage": 1, "BoolStorage": 1, "ShortStorage": 2,
+              "HalfStorage": 2, "BFloat16Storage": 2, "IntStorage": 4, "FloatStorage": 4, "LongStorage": 8,
+              "DoubleStorage": 8, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16}
+_ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}  # what torch's zip reader reads
+
+
+def check_zip(path: str) -> bool:
+    """Check every tensor record of a torch zip checkpoint against its pickle; True when all may be mmap'd.
+
+    ``torch.load(mmap=True)`` maps ``<archive>/data/<key>`` from its offset in the file for the byte count the
+    pickle declares, whatever the zip says: a compressed record is read as its compressed bytes and a short one
+    runs into its neighbour. So each record must hold exactly the declared bytes (else a one-line
+    CheckpointError naming it), and is mmap'd only if stored uncompressed at an offset aligned to its elements.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+            infos = {i.filename: i for i in zf.infolist()}
+            pkl = next((n for n in infos if n == "data.pkl" or n.endswith("/data.pkl")), None)
+            if pkl is None:
+                raise CheckpointError(f"not a torch checkpoint: {path} is a zip without data.pkl")
+            records = _declared_records(zf.read(pkl))
+            size = os.fstat(f.fileno()).st_size
+            mappable, spans = True, []
+            for key, (nbytes, itemsize) in records.items():
+                name = f"{pkl[:-len('data.pkl')]}data/{key}"
+                info = infos.get(name)
+                if info is None:
+                    raise CheckpointError(f"damaged checkpoint {path}: tensor record {name} is missing")
+                if info.compress_type not in _ZIP_METHODS or info.flag_bits & 1:
+                    raise CheckpointError(f"unreadable checkpoint {path}: record {name} is encrypted or compressed "
+                                          f"with zip method {info.compress_type}; torch reads stored or deflate")
+                stored = info.compress_type == zipfile.ZIP_STORED
+                if nbytes is not None and info.file_size != nbytes:
+                    raise CheckpointError(f"damaged checkpoint {path}: record {name} holds {info.file_size} bytes, "
+                                          f"its tensor data needs {nbytes}")
+                if stored and info.compress_size != info.file_size:
+                    raise CheckpointError(f"damaged checkpoint {path}: stored record {name} declares "
+                                          f"{info.file_size} bytes but spans {info.compress_size}")
+                start = _data_offset(f, info, path)
+                if start + info.compress_size > size:
+                    raise CheckpointError(f"damaged checkpoint {path}: record {name} runs past the end of the file")
+                spans.append((start, start + info.compress_size, name))
+                mappable &= stored and nbytes is not None and start % itemsize == 0
+    except CheckpointError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, OSError, and whatever a damaged pickle makes the scan raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"not a readable checkpoint: {path} ({type(e).__name__}: {msg})") from e
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(f"damaged checkpoint {path}: records {a} and {b} overlap")
+    return mappable
+
+
+def _data_offset(f, info: zipfile.ZipInfo, path: str) -> int:
+    """Where a zip record's data starts: after its local header (30 bytes), name and extra field."""
+    f.seek(info.header_offset)
+    head = f.read(30)
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"damaged checkpoint {path}: the zip header of {info.filename} is broken")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+class _Stub:
+    """Whatever a global names in a torch pickle, while it is scanned for its storage records: never run."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_Stub":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _RecordScan(pickle.Unpickler):
+    """Collects a torch pickle's storage records (key -> (bytes, bytes per element)); every global is a _Stub."""
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.records: dict[str, tuple[int | None, int]] = {}
+
+    def find_class(self, module: str, name: str) -> type:
+        return type(name, (_Stub,), {"global_name": f"{module}.{name}"})
+
+    def persistent_load(self, pid: Any) -> _Stub:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            _, storage_type, key, _, numel = pid
+            module, _, name = getattr(storage_type, "global_name", "").rpartition(".")
+            itemsize = _ITEMSIZES.get(name) if module in ("torch", "torch.storage") else None
+            nbytes = numel * itemsize if itemsize and isinstance(numel, int) else None  # None: torch checks it
+            self.records.setdefault(str(key), (nbytes, itemsize or 1))
+        return _Stub()
+
+
+def _declared_records(data: bytes) -> dict[str, tuple[int | None, int]]:
+    scan = _RecordScan(data)
+    scan.load()
+    return scan.records
 
 
 def read_shapes(path: str | os.PathLike) -> dict[str, torch.Tensor]:
