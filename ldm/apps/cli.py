@@ -9,19 +9,26 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ldm.fileio import DiskSpaceError, write_text
+from ldm.fileio import DiskSpaceError
 
 DEMO_PRESET = "tiny"  # --demo: ldm.model.presets' tiny SD2-shaped model
 WEIGHTS_HELP = "see README.md, section 'Weights' (checkpoints/README.md lists the files and where to get them)"
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator().manual_seed accepts
+INTERRUPTED = 130  # the exit status of a process ended by Ctrl-C (128 + SIGINT)
 
 
 class UserError(Exception):
     """A problem with the command line or the inputs, reported as one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while images were being written; the message says which were."""
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -43,7 +50,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable_mem_efficient", action="store_true", help="SDPA: disable memory-efficient kernels")
     p.add_argument("--disable_flash", action="store_true", help="SDPA: disable flash attention")
     p.add_argument("--demo", action="store_true", help="tiny random model, no weights needed: the image is noise")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (and the first non-finite UNet call)")
+    p.add_argument("--keep_nonfinite", action="store_true",
+                   help="save images even when a stage went NaN/inf (default: refuse them, naming the stage)")
 
 
 def add_speed_args(p: argparse.ArgumentParser) -> None:
@@ -68,8 +77,21 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time_file", type=str, default=None, help="write the timed runtime (seconds) here")
 
 
+def check_numbers(opt: argparse.Namespace) -> None:
+    """Every float flag finite, the seed one torch's generator takes, --n_rows not negative."""
+    for name, value in sorted(vars(opt).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name} {value} must be a finite number")
+    if not SEED_RANGE[0] <= opt.seed <= SEED_RANGE[1]:
+        raise UserError(f"--seed {opt.seed} is out of range: torch's generator takes -2**63 to 2**64 - 1")
+    if opt.n_rows < 0:
+        raise UserError(f"--n_rows {opt.n_rows} must be 0 (one row per batch) or more")
+
+
 def check_model_args(opt: argparse.Namespace) -> None:
-    """Reject bad model/speed flag combinations before anything is loaded."""
+    """Reject bad model/speed flag combinations and unwritable outputs before anything is loaded."""
+    from ldm.apps.images import check_outputs
+    check_outputs(opt.outdir, getattr(opt, "time_file", None))
     if opt.bf16 and opt.dtype not in (None, "bf16"):
         raise UserError(f"--bf16 conflicts with --dtype {opt.dtype}")
     if not opt.demo and not opt.ckpt:
@@ -110,8 +132,11 @@ def read_prompts(opt: argparse.Namespace) -> list[list[str]]:
         return [opt.n_samples * [opt.prompt]]
     if not os.path.isfile(opt.from_file):
         raise UserError(f"prompt file not found: {opt.from_file}")
-    with open(opt.from_file, encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
+    try:
+        with open(opt.from_file, encoding="utf-8") as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompt file {opt.from_file} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     if not lines:
         raise UserError(f"prompt file {opt.from_file} has no prompts")
     lines = [p for p in lines for _ in range(getattr(opt, "repeat", 1))]
@@ -190,6 +215,17 @@ def check_latent_size(model, height: int, width: int, f: int) -> None:
                             f"the latent {len(model.cfg.unet.channel_mult) - 1} times)")
 
 
+def check_latent_flags(model, f: int, C: int) -> None:
+    """--f and --C must be the loaded model's: its VAE downsamples by 2**(len(ch_mult)-1) into embed_dim channels."""
+    vae = model.cfg.vae
+    factor = 2 ** (len(vae.ch_mult) - 1)
+    if f != factor:
+        raise UserError(f"--f {f} does not match the model: its VAE downsamples by {factor} (use --f {factor})")
+    if C != vae.embed_dim:
+        raise UserError(f"--C {C} does not match the model: its latents have {vae.embed_dim} channels "
+                        f"(use --C {vae.embed_dim})")
+
+
 def optimize(opt: argparse.Namespace, model, rt: Runtime) -> list[str]:
     """Apply the speed and memory flags to a loaded model, in place, in the one order that composes:
     layout and precision changes first, then offload, then compilation. Returns what was done."""
@@ -254,65 +290,12 @@ def make_sampler(name: str, model, device):
     return DDIMSampler(model, device=device), "DDIM"
 
 
-def sample_and_save(opt: argparse.Namespace, batches: list[list[str]], gen, noise: Callable[[int], Any],
-                    generate: Callable[[list[str], Any], Any], caption: Callable[..., str], dtype) -> dict:
-    """The scripts' common loop: an optional untimed warm-up (compilation happens there; ``gen`` is rewound
-    after it, so saved images do not depend on --skip_first), then n_iter timed passes over the prompt
-    batches, each image saved atomically as it comes, the grid and the time file; returns the summary.
-
-    ``noise(n)`` draws start noise, ``generate(prompts, noise)`` returns uint8 images (B, H, W, 3), and
-    ``caption(prompt, **fields)`` the PNG "parameters" text (the grid's without per-image fields).
-    """
-    import time
-    import torch
-    from ldm.apps import images
-    from ldm.speed import runtime
-    device = gen.device
-    sample_dir = os.path.join(opt.outdir, "samples")
-    os.makedirs(sample_dir, exist_ok=True)
-    if opt.skip_first:
-        state = gen.get_state()
-        generate(batches[0], noise(len(batches[0])))
-        runtime.synchronize(device)
-        gen.set_state(state)
-    fixed = noise(opt.n_samples) if opt.fixed_code else None
-    all_images, timed, count = [], 0.0, 0
-    index = images.next_index(sample_dir)
-    for it in range(opt.n_iter):
-        for prompts in batches:
-            start = fixed[: len(prompts)] if fixed is not None else noise(len(prompts))
-            runtime.synchronize(device)
-            t0 = time.perf_counter()
-            out = generate(prompts, start)
-            runtime.synchronize(device)
-            timed += time.perf_counter() - t0
-            for i, (img, prompt) in enumerate(zip(out, prompts)):
-                text = caption(prompt, **{"Batch size": len(prompts), "Batch pos": i, "Iteration": it,
-                                          "Eta": opt.ddim_eta, "Dtype": str(dtype).split(".")[-1]})
-                images.save_png(images.to_pil(img), os.path.join(sample_dir, f"{index:05}.png"), text)
-                index += 1
-                count += 1
-            all_images.append(out)
-    grid = images.make_grid(torch.cat(all_images), opt.n_rows or opt.n_samples)
-    grid_index = images.next_index(opt.outdir, r"^grid-(\d+)\.png$")
-    grid_path = os.path.join(opt.outdir, f"grid-{grid_index:04}.png")
-    images.save_png(images.to_pil(grid), grid_path, caption(batches[0][0]))
-    write_time_file(opt.time_file, timed)
-    return {"seconds": timed, "images": count, "grid": grid_path}
-
-
 def print_summary(opt: argparse.Namespace, summary: dict) -> None:
     """The closing line: images, timed seconds and rate, where the files are."""
     s = summary["seconds"]
     print(f"Sampled {summary['images']} images in {s:.2f}s ({summary['images'] / s if s > 0 else 0.0:.3f} images/s, "
           f"timed{' after a warm-up iteration' if opt.skip_first else ''}). Samples in {opt.outdir}/samples, "
           f"grid {summary['grid']}")
-
-
-def write_time_file(path: str | None, seconds: float) -> None:
-    """The timed seconds as plain text (--time_file), written atomically."""
-    if path:
-        write_text(path, f"{seconds:.6f}\n")
 
 
 def describe(e: BaseException) -> str:
@@ -341,11 +324,17 @@ def run_script(opt: argparse.Namespace, check: Callable[[argparse.Namespace], No
 
 
 def guarded(opt: argparse.Namespace, fn: Callable[[], int]) -> int:
-    """Run ``fn`` with gradients off; errors become one line on stderr and exit status 1 (--debug re-raises)."""
+    """Run ``fn`` with gradients off; errors become one line on stderr and exit status 1, Ctrl-C one line saying
+    which images were written and exit status 130 (--debug re-raises both)."""
     try:
         import torch
         torch.set_grad_enabled(False)
         return fn()
+    except KeyboardInterrupt as e:
+        if opt.debug:
+            raise
+        print(f"interrupted: {e if isinstance(e, Interrupted) else 'no image was written'}", file=sys.stderr)
+        return INTERRUPTED
     except Exception as e:
         if opt.debug:
             raise

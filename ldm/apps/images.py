@@ -1,4 +1,5 @@
-"""Turning decoded samples into PNG files: conversion, grids, metadata, never-overwriting names."""
+"""Turning decoded samples into PNG files: conversion, grids, metadata, never-overwriting names, and whether the
+output paths can be written at all (checked before any model work)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,46 @@ def next_index(folder: str, pattern: str = r"^(\d+)\.png$") -> int:
             if m:
                 best = max(best, int(m.group(1)))
     return best + 1
+
+
+def unwritable_folder(folder: str) -> str | None:
+    """Why files cannot be written in ``folder`` (made first where missing), or None when they can: its nearest
+    existing ancestor must be a folder this process may write in."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"the folder {existing} is read-only"
+    return None
+
+
+def check_outputs(outdir: str | None, time_file: str | None) -> None:
+    """One-line ValueError when --outdir (or its samples/ folder) or --time_file cannot be written, so a bad path
+    never costs a model load, nor leaves images without their time file."""
+    if not outdir:  # "--outdir" given without a value
+        raise ValueError("--outdir needs the path of a folder")
+    for folder in (outdir, os.path.join(outdir, "samples")):
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"--outdir {outdir} cannot be used: {folder} exists and is not a folder")
+    if why := unwritable_folder(outdir):
+        raise ValueError(f"--outdir {outdir} cannot be written: {why}")
+    if not time_file:
+        return
+    if os.path.isdir(time_file):
+        raise ValueError(f"--time_file {time_file} is a folder; give the path of a file")
+    if os.path.exists(time_file) and not os.path.isfile(time_file):  # /dev/stdout, a FIFO: written in place
+        why = None if os.access(time_file, os.W_OK) else "it is not writable"
+    else:  # a file is replaced atomically: its folder must be writable, not the file itself
+        why = unwritable_folder(os.path.dirname(os.path.abspath(time_file)))
+    if why:
+        raise ValueError(f"--time_file {time_file} cannot be written: {why}")
+
+
+def written_text(samples: list[str], grid: str | None) -> str:
+    """What an interrupted run left on disk, in one line: the sample files (first to last) and the grid."""
+    if not samples:
+        return "no image was written"
+    where = samples[0] if len(samples) == 1 else f"{samples[0]} to {samples[-1]}"
+    return f"{len(samples)} image(s) written ({where}); " + (f"grid {grid}" if grid else "no grid")

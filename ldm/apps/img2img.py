@@ -14,9 +14,10 @@ import argparse
 import os
 import sys
 
-from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_model_args, check_sampler_args,
-                          guidance_conditioning, make_sampler, optimize, read_prompts, run_script, sample_and_save,
-                          sampler_flag, setup)
+from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_latent_flags, check_model_args,
+                          check_numbers, check_sampler_args, guidance_conditioning, make_sampler, optimize,
+                          read_prompts, run_script, sampler_flag, setup)
+from ldm.apps.loop import sample_and_save
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(opt: argparse.Namespace) -> None:
     """Reject bad flags before anything is loaded."""
+    check_numbers(opt)
     check_sampler_args(opt, ("ddim_steps", "n_iter", "n_samples", "f", "C"))
     if not 0.0 <= opt.strength <= 1.0:
         raise UserError(f"--strength {opt.strength} must be in [0, 1]")
@@ -72,6 +74,7 @@ def run(opt: argparse.Namespace) -> dict:
     model, model_name = build_model(opt, rt)
     if model.cfg.conditioning_key != "crossattn":
         raise UserError("img2img needs a text-to-image model; this is an inpainting model (use ldm-inpaint, scripts/inpaint.py)")
+    check_latent_flags(model, opt.f, opt.C)
     sampler, sampler_name = make_sampler(sampler_flag(opt), model, device)
     print("speed: " + ", ".join(optimize(opt, model, rt)), file=sys.stderr)
 
@@ -81,9 +84,6 @@ def run(opt: argparse.Namespace) -> dict:
 
     with torch.no_grad(), runtime.attention_scope(rt.backends), runtime.precision_scope(rt.precision, device, dtype):
         init_latent = pipelines.encode_image(model, init_image.expand(opt.n_samples, -1, -1, -1), gen)
-        if tuple(init_latent.shape[1:]) != (opt.C, height // opt.f, width // opt.f):
-            raise UserError(f"--C {opt.C} --f {opt.f} do not match the model: its latents are "
-                            f"{tuple(init_latent.shape[1:])} for a {width}x{height} image")
         shape = tuple(init_latent.shape)
 
         def noise(n: int):
@@ -101,7 +101,7 @@ def run(opt: argparse.Namespace) -> dict:
                                           opt.seed, width, height, model_name,
                                           **{"Denoising strength": opt.strength, **fields})
 
-        return sample_and_save(opt, batches, gen, noise, generate, caption, dtype)
+        return sample_and_save(opt, batches, gen, noise, generate, caption, dtype, model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,10 @@ import argparse
 import os
 import sys
 
-from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_model_args, check_sampler_args,
-                          guidance_conditioning, make_sampler, optimize, read_prompts, run_script, sample_and_save,
+from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_model_args, check_numbers,
+                          check_sampler_args, guidance_conditioning, make_sampler, optimize, read_prompts, run_script,
                           sampler_flag, setup)
+from ldm.apps.loop import sample_and_save
 
 DEMO_PRESET = "tiny-inpainting"
 CONFIG_HELP = "an SD 2 inpainting checkpoint (its config, v2-inpainting-inference.yaml, is found from its keys)"
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(opt: argparse.Namespace) -> None:
     """Reject bad flags and missing files before anything is loaded."""
+    check_numbers(opt)
     check_sampler_args(opt, ("steps", "n_iter", "n_samples"))
     for flag, path in (("--image", opt.image), ("--mask", opt.mask)):
         if not path:
@@ -93,7 +95,7 @@ def run(opt: argparse.Namespace) -> dict:
             return images.parameters_text(prompt, opt.negative_prompt, opt.steps, sampler_name, opt.scale, opt.seed,
                                           width, height, model_name, **{"Mask": os.path.basename(opt.mask), **fields})
 
-        return sample_and_save(opt, batches, gen, start_code, generate, caption, dtype)
+        return sample_and_save(opt, batches, gen, start_code, generate, caption, dtype, model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,15 @@
 The original scripts' conventions (Stability-AI/stablediffusion ``scripts/img2img.py`` and the inpainting
 demos): images shrink to a multiple of 64 per side (LANCZOS) and map to [-1, 1]; a mask pixel >= 0.5
 (white) is repainted and is zeroed in the masked image; img2img runs the last ``int(strength * steps)``
-steps from the init latent noised by ``stochastic_encode``.
+steps from the init latent noised by ``stochastic_encode``. Every Pillow mode is read at its full range
+(``standardize``): 16-bit and 32-bit pixels are scaled to [0, 1], never clipped at 255, and what was converted
+is said on stderr.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,36 +23,112 @@ from PIL import Image, UnidentifiedImageError
 MULTIPLE = 64  # the original resizes every input side down to a multiple of 64
 
 
+# Pillow modes whose pixels have more than 8 bits: read at full range as one float channel ("F") in [0, 1].
+DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+_MODE_WORDS = {"1": "1-bit black and white", "L": "8-bit grayscale", "P": "palette", "PA": "palette with alpha",
+               "LA": "grayscale with alpha", "La": "grayscale with premultiplied alpha", "RGB": "RGB", "RGBA": "RGBA",
+               "RGBa": "premultiplied RGBA", "RGBX": "RGBX", "CMYK": "CMYK (no ICC profile applied)"}
+
+
+def _deep_to_unit(img: Image.Image) -> tuple[np.ndarray, str]:
+    """A 16-bit, 32-bit integer or 32-bit float grayscale image -> (H, W) float32 in [0, 1], and what was done."""
+    a = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        # one float32 division of exact integers: v16 = 257 * v8 gives bit for bit the 8-bit image's v8 / 255
+        return a.astype(np.float32) / np.float32(65535), f"16-bit grayscale ({img.mode}) scaled to 0..1"
+    if img.mode == "I":
+        low, high = int(a.min()), int(a.max())
+        if low < 0:
+            raise ValueError(f"32-bit integer pixels go down to {low}; only 0 and up can be read as brightness")
+        if high <= 65535:
+            return (a.astype(np.float32) / np.float32(65535),
+                    f"32-bit integer grayscale with values up to {high}, taken as 16-bit, scaled to 0..1")
+        return ((a.astype(np.float64) / (2**31 - 1)).astype(np.float32),
+                f"32-bit integer grayscale with values up to {high}, taken as 32-bit, scaled to 0..1")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError("32-bit float pixels include NaN or infinity")
+    low, high = float(a.min()), float(a.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"32-bit float pixels range over {low:g}..{high:g}; they are read as 0..1 (black..white)")
+    return a, "32-bit float grayscale taken as 0..1"
+
+
+def standardize(img: Image.Image, mode: str = "RGB") -> tuple[Image.Image, str | None]:
+    """``img`` in ``mode`` ("RGB" or "L") when its pixels are 8-bit, or as "F" (one float channel in [0, 1]) when
+    they are deeper (16-bit, 32-bit integer, 32-bit float), never clipped; with a note saying what was converted
+    (None when nothing was). Alpha is dropped, as the original's ``convert("RGB")`` does."""
+    src = img.mode
+    if src in DEEP_MODES:
+        a, note = _deep_to_unit(img)
+        return Image.fromarray(a, mode="F"), note + (" (gray copied to R, G and B)" if mode == "RGB" else "")
+    if src == mode:
+        return img, None
+    transparent = src == "P" and "transparency" in img.info
+    if src in ("P", "PA", "La", "RGBa"):  # palettes (with their transparency), premultiplied alpha: unpremultiplied
+        img = img.convert("LA" if src == "La" else "RGBA")
+    try:
+        out = img.convert(mode)
+    except ValueError as e:
+        raise ValueError(f"Pillow mode {src} cannot be converted to {mode} ({e}); save it as RGB or grayscale") from e
+    words = "palette with transparency" if transparent else _MODE_WORDS.get(src, f"Pillow mode {src}")
+    target = "RGB" if mode == "RGB" else "grayscale" if src in ("1", "LA", "La") else "grayscale by ITU-R 601-2 luma"
+    return out, f"{words} converted to {target}" + (" (alpha ignored)" if src in _ALPHA_MODES or transparent else "")
+
+
 def open_image(path: str, mode: str = "RGB", what: str = "image") -> Image.Image:
-    """The file at ``path`` decoded and converted to ``mode``; one-line errors for missing or non-image files."""
+    """The file at ``path`` as ``standardize`` returns it (``mode``, or "F" in [0, 1] for 16/32-bit pixels); what was
+    converted is said in one line on stderr; one-line errors for missing, non-image or unreadable-mode files."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert(mode)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+            out, note = standardize(img, mode)
+            out = out.copy() if out is img else out  # pixels that outlive the file
+    except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{what} {path} is not a readable image ({' '.join(str(e).split())})") from e
+    except ValueError as e:
+        raise ValueError(f"{what} {path}: {' '.join(str(e).split())}") from e
+    if note:
+        print(f"{what}: {note}", file=sys.stderr)
+    return out
 
 
 def resize_to_multiple(img: Image.Image, multiple: int = MULTIPLE) -> Image.Image:
-    """Shrink each side down to a multiple of ``multiple`` with LANCZOS, as the original img2img.py."""
+    """Shrink each side down to a multiple of ``multiple`` with LANCZOS, as the original img2img.py; an "F" image
+    is resized in float (a 16-bit input keeps its levels) and clipped to [0, 1] as 8-bit resizing clips."""
     w, h = img.size
     new_w, new_h = w - w % multiple, h - h % multiple
     if new_w == 0 or new_h == 0:
         raise ValueError(f"the image is {w}x{h}; each side must be at least {multiple} pixels")
-    return img if (new_w, new_h) == (w, h) else img.resize((new_w, new_h), resample=Image.LANCZOS)
+    if (new_w, new_h) == (w, h):
+        return img
+    out = img.resize((new_w, new_h), resample=Image.LANCZOS)
+    if out.mode == "F":  # LANCZOS overshoots near edges
+        out = Image.fromarray(np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0), mode="F")
+    return out
+
+
+def _unit(img: Image.Image, mode: str) -> np.ndarray:
+    """(H, W) for ``mode`` "L", (H, W, 3) for "RGB": float32 in [0, 1] from an image of any Pillow mode."""
+    img, _ = standardize(img, mode)  # deep modes at full range, as one "F" channel
+    if img.mode == "F":
+        a = np.array(img, dtype=np.float32)  # a writable copy, for torch.from_numpy
+        return np.repeat(a[..., None], 3, axis=-1) if mode == "RGB" else a
+    return np.asarray(img, dtype=np.float32) / 255.0
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB image -> (1, 3, H, W) float32 in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)  # (H, W, 3)
+    """An image of any Pillow mode (``standardize``: 16/32-bit at full range) -> (1, 3, H, W) float32 in [-1, 1]."""
+    x = torch.from_numpy(_unit(img, "RGB"))  # (H, W, 3)
     return (2.0 * x - 1.0).permute(2, 0, 1)[None].contiguous()
 
 
 def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
-    """Grayscale mask -> (1, 1, H, W) float32 in {0, 1}: 1 (pixel >= 0.5, white) is repainted."""
-    m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)  # (H, W)
+    """A mask of any Pillow mode (color by luma) -> (1, 1, H, W) float32 in {0, 1}: 1 (>= 0.5, white) is repainted."""
+    m = torch.from_numpy(_unit(mask, "L"))  # (H, W)
     return (m >= 0.5).float()[None, None]
 
 
@@ -145,6 +224,6 @@ def inpaint(sampler: Any, c_concat: torch.Tensor, cond: torch.Tensor, uncond: to
     return samples
 
 
-__all__ = ["open_image", "resize_to_multiple", "image_to_tensor", "mask_to_tensor", "load_init_image",
-           "InpaintInputs", "check_same_size", "make_inpaint_inputs", "load_inpaint_inputs", "encode_image", "inpaint_conditioning",
+__all__ = ["DEEP_MODES", "standardize", "open_image", "resize_to_multiple", "image_to_tensor", "mask_to_tensor",
+           "load_init_image", "InpaintInputs", "check_same_size", "make_inpaint_inputs", "load_inpaint_inputs", "encode_image", "inpaint_conditioning",
            "hybrid_cond", "strength_to_steps", "img2img", "inpaint", "MULTIPLE"]

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_latent_size, check_model_args,
-                          check_sampler_args, guidance_conditioning, make_sampler, native_size, optimize, read_prompts,
-                          run_script, sample_and_save, sampler_flag, setup)
+from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_latent_flags, check_latent_size,
+                          check_model_args, check_numbers, check_sampler_args, guidance_conditioning, make_sampler,
+                          native_size, optimize, read_prompts, run_script, sampler_flag, setup)
+from ldm.apps.loop import sample_and_save
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +50,7 @@ def check_args(opt: argparse.Namespace) -> None:
     """Reject bad combinations before anything is loaded."""
     if opt.torchscript or opt.ipex:
         raise UserError("--torchscript/--ipex are not supported here; use --compile (torch.compile of the UNet)")
+    check_numbers(opt)
     check_sampler_args(opt, ("steps", "n_iter", "n_samples", "f", "C", "repeat"))
     check_size(opt)
     check_model_args(opt)
@@ -74,6 +76,10 @@ def run(opt: argparse.Namespace) -> dict:
     batches = read_prompts(opt)
 
     model, model_name = build_model(opt, rt)
+    if model.cfg.conditioning_key != "crossattn":
+        raise UserError("txt2img needs a text-to-image model; this is an inpainting model (use ldm-inpaint, "
+                        "scripts/inpaint.py)")
+    check_latent_flags(model, opt.f, opt.C)  # before sampling: a wrong --f would write images of another size
     sampler, sampler_name = make_sampler(sampler_flag(opt), model, device)
     if opt.H is None or opt.W is None:
         size = native_size(model, opt.demo)
@@ -102,7 +108,7 @@ def run(opt: argparse.Namespace) -> dict:
                                       opt.W, opt.H, model_name, **fields)
 
     with torch.no_grad(), runtime.attention_scope(rt.backends), runtime.precision_scope(rt.precision, device, dtype):
-        return sample_and_save(opt, batches, gen, start_code, generate, caption, dtype)
+        return sample_and_save(opt, batches, gen, start_code, generate, caption, dtype, model)
 
 
 def main(argv: list[str] | None = None) -> int:

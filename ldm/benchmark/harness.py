@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import shlex
 import subprocess
@@ -115,6 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     c.add_argument("--name", default="benchmark", help="prefix of the output files")
     c.add_argument("--keep_logs", action="store_true", help="keep every run's output under OUTDIR/NAME-logs")
     opt = p.parse_args(argv)
+    check_flags(p, opt)
     if opt.repeats < 0 or (opt.repeats == 0 and opt.unet_iters <= 0):
         p.error("--repeats 0 runs the UNet microbenchmark only: give --unet_iters 1 or more (and --repeats >= 0)")
     if opt.unet_profile and opt.unet_iters <= 0:
@@ -135,6 +137,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not opt.random and not opt.ckpt:
         p.error(f"give --ckpt (and --config, or it is guessed), or --random {'|'.join(PRESETS)}")
     return opt
+
+
+def check_flags(p: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
+    """Numbers and paths the runs would fail on, as argparse's one-line usage error before any work."""
+    from ldm.apps.cli import SEED_RANGE
+    from ldm.apps.images import unwritable_folder
+    try:
+        batches = [int(b) for b in opt.batch.split(",")]
+    except ValueError:
+        p.error(f"--batch takes batch sizes such as 1,2,4: got {opt.batch!r}")
+    if min(batches) < 1:
+        p.error(f"--batch sizes must be 1 or more: got {opt.batch!r}")
+    for name, value in sorted(vars(opt).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            p.error(f"--{name} {value} must be a finite number")
+    for name, low in (("steps", 1), ("n_iter", 1), ("unet_iters", 0), ("fit_step", 8), ("threads", 1),
+                      ("check_steps", 1), ("ladder_steps", 1), ("unet_profile", 0)):
+        value = getattr(opt, name)
+        if value is not None and value < low:
+            p.error(f"--{name} {value} must be at least {low}")
+    for name in ("H", "W", "check_size"):
+        if getattr(opt, name) < 8 or getattr(opt, name) % 8:
+            p.error(f"--{name} {getattr(opt, name)} must be a positive multiple of 8")
+    for name in ("memory_budget_gb", "run_timeout"):
+        if getattr(opt, name) is not None and getattr(opt, name) <= 0:
+            p.error(f"--{name} {getattr(opt, name)} must be more than 0")
+    if not SEED_RANGE[0] <= opt.seed <= SEED_RANGE[1]:
+        p.error(f"--seed {opt.seed} is out of range: torch's generator takes -2**63 to 2**64 - 1")
+    for name in ("outdir", "cache_dir"):
+        folder = getattr(opt, name)
+        if folder is not None and (why := unwritable_folder(folder)):
+            p.error(f"--{name} {folder} cannot be used: {why}")
 
 
 def ladder_configs(opt: argparse.Namespace) -> list[Config]:

@@ -41,3 +41,52 @@ def take_params(owner: str, params: Any, ignored: set[str], fixed: dict[str, Any
         if unknown:
             raise ValueError(f"{owner}: unknown config key(s) {', '.join(unknown)}")
     return out
+
+
+# ----- type checks of yaml values against the typed configs' hints (ldm.model.presets.load_config)
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Whether a yaml value fits a config field's type hint (int, float, bool, str, tuple[X, ...], X | None)."""
+    import types
+    from typing import Union, get_args, get_origin
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(fits(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(fits(v, args[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # not a yaml scalar type: checked by the mapping itself
+
+
+def kind(hint: Any) -> str:
+    """A type hint in words: 'an integer', 'a list of integers', 'a string or null', ..."""
+    import types
+    from typing import Union, get_args, get_origin
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is type(None):
+        return "null"
+    if origin in (Union, types.UnionType):
+        return " or ".join(kind(a) for a in args)
+    if origin is tuple:
+        return "a list of " + {int: "integers", float: "numbers", bool: "true/false", str: "strings"}.get(
+            args[0], "values")
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def shown(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ldm.model.clip import CLIPTextConfig
-from ldm.model.config import to_plain
+from ldm.model.config import fits, kind, one_line, shown, to_plain
 from ldm.model.diffusion import INPAINT_TARGETS, DiffusionConfig, model_config
 from ldm.model.openclip import TextConfig
 from ldm.model.unet import UNetConfig
@@ -105,20 +105,87 @@ def from_name(name: str) -> DiffusionConfig:
 
 
 def load_config(config: Any) -> DiffusionConfig:
-    """A DiffusionConfig from a yaml path, an OmegaConf/dict of the whole file or of ``model``, or itself."""
+    """A DiffusionConfig from a yaml path, an OmegaConf/dict of the whole file or of ``model``, or itself.
+
+    A yaml path that cannot be read (binary, bad syntax), is empty or not a mapping, has a value of the wrong type
+    for a known key, or does not map to a model is one ValueError naming the file and the key.
+    """
     if isinstance(config, DiffusionConfig):
         return config
+    path = None
     if isinstance(config, (str, os.PathLike)):
         from omegaconf import OmegaConf
-        if not os.path.isfile(config):
-            raise FileNotFoundError(f"config not found: {os.fspath(config)}")
-        config = OmegaConf.load(config)
-    node = to_plain(config)
-    node = node.get("model", node)
-    target = node.get("target", "ldm.models.diffusion.ddpm.LatentDiffusion")
-    if not target.endswith("LatentDiffusion") and target not in INPAINT_TARGETS:
-        raise ValueError(f"config model target {target!r} is not supported (LatentDiffusion, LatentInpaintDiffusion)")
-    return model_config(target, node.get("params", {}))
+        path = os.fspath(config)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config not found: {path}")
+        try:
+            config = OmegaConf.load(path)
+        except Exception as e:  # yaml syntax errors, UnicodeDecodeError for binary files, OmegaConf's own
+            raise ValueError(f"{path}: not a readable yaml file ({one_line(e)})") from e
+    try:
+        node = to_plain(config)
+        if not node:
+            raise ValueError("the file is empty" if path else "the config is empty")
+        if not isinstance(node, dict):
+            raise ValueError(f"expected a mapping (model: target/params), got a {type(node).__name__}")
+        where = "model" if "model" in node else ""
+        node = node.get("model", node)
+        _check_types(node, where)
+        if "params" not in node:
+            raise ValueError(f"{where or 'the config'} has no params: it does not describe a model")
+        target = node.get("target", "ldm.models.diffusion.ddpm.LatentDiffusion")
+        if not target.endswith("LatentDiffusion") and target not in INPAINT_TARGETS:
+            raise ValueError(f"config model target {target!r} is not supported (LatentDiffusion, "
+                             "LatentInpaintDiffusion)")
+        return model_config(target, node.get("params", {}))
+    except Exception as e:  # the typed mapping's ValueErrors and TypeErrors, OmegaConf interpolation errors
+        if path is None:
+            raise
+        raise ValueError(f"{path}: {one_line(e)}") from e
+
+
+def _check_types(model: Any, where: str) -> None:
+    """Every known key of a yaml ``model`` node has a value of its typed config field's type (a list for a tuple),
+    so a wrong type is named by its key here, not met later as a TypeError deep in the model."""
+    from typing import get_type_hints
+    from ldm.model.diffusion import TEXT_TARGETS
+
+    def at(*keys: str) -> str:
+        return ".".join(k for k in (where, *keys) if k)
+
+    def mapping(value: Any, *keys: str) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{at(*keys)}: expected a mapping, got {shown(value)}")
+        if not isinstance(value.get("target", ""), str):
+            raise ValueError(f"{at(*keys, 'target')}: expected a string, got {shown(value['target'])}")
+        return value
+
+    def fields(node: dict, hints: dict, *keys: str) -> None:
+        for key, value in node.items():
+            hint = hints.get(key)
+            if hint is not None and not fits(value, hint):
+                raise ValueError(f"{at(*keys, key)}: expected {kind(hint)}, got {shown(value)}")
+
+    params = mapping(mapping(model).get("params"), "params")
+    own = {k: v for k, v in get_type_hints(DiffusionConfig).items() if k not in ("unet", "vae", "text")}
+    fields(params, own, "params")
+    unet = mapping(mapping(params.get("unet_config"), "params", "unet_config").get("params"),
+                   "params", "unet_config", "params")
+    unet_hints = dict(get_type_hints(UNetConfig), num_res_blocks=int | tuple[int, ...])  # one int for every level
+    fields(unet, unet_hints, "params", "unet_config", "params")
+    vae = mapping(mapping(params.get("first_stage_config"), "params", "first_stage_config").get("params"),
+                  "params", "first_stage_config", "params")
+    fields(vae, {"embed_dim": int}, "params", "first_stage_config", "params")
+    dd = mapping(vae.get("ddconfig"), "params", "first_stage_config", "params", "ddconfig")
+    fields(dd, {k: v for k, v in get_type_hints(VAEConfig).items() if k not in ("embed_dim", "attn")},
+           "params", "first_stage_config", "params", "ddconfig")
+    text_node = mapping(params.get("cond_stage_config"), "params", "cond_stage_config")
+    text = mapping(text_node.get("params"), "params", "cond_stage_config", "params")
+    text_cls = TEXT_TARGETS.get(text_node.get("target"), TextConfig)
+    fields(text, dict(get_type_hints(text_cls), arch=str, max_length=int, version=str),
+           "params", "cond_stage_config", "params")
 
 
 def get_obj_from_str(string: str) -> Any:
