@@ -5,7 +5,10 @@ Temporary files lie beside their target as ``.{stem}.partial-{host}.{pid}-XXXX{s
 outright (SIGKILL, power loss) cannot remove its own, so the next write to the same target removes the
 stale ones (``remove_stale_partials``): a file of this host whose writer pid is gone, or any other (another
 host's, which cannot be asked, or one named before pids were) once untouched for ``STALE_AFTER`` seconds.
-A file that a live writer on this host is writing is never removed, however slow it is.
+A file that a live writer is writing is never removed, however slow it is: each writer holds an exclusive
+``flock`` on its file while it writes (POSIX), and a locked file is left alone whatever its name says (containers
+sharing a volume may share a host name and reuse pids). Only writes that say how large they are (``need``:
+checkpoints) clean up, so that saving many images does not list their folder each time.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ import socket
 import tempfile
 import time
 from typing import BinaryIO, Callable
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the pid and age rules alone decide
+    fcntl = None
 
 
 class DiskSpaceError(OSError):
@@ -58,8 +66,24 @@ def partial_file(path: str, suffix: str | None = None) -> tuple[int, str]:
     ``remove_stale_partials(path)`` can tell when it is left over; ``suffix`` defaults to ``path``'s."""
     folder, name = os.path.split(os.path.abspath(path))
     stem, ext = os.path.splitext(name)
-    return tempfile.mkstemp(prefix=f".{stem}.partial-{_host()}.{os.getpid()}-", dir=folder,
-                            suffix=ext if suffix is None else suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.partial-{_host()}.{os.getpid()}-", dir=folder,
+                               suffix=ext if suffix is None else suffix)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held while the file is open: a live writer's file is never stale
+    return fd, tmp
+
+
+def _locked(path: str) -> bool:
+    """Whether another open file (a live writer) holds the flock of ``path``; False where flock does not exist."""
+    if fcntl is None:
+        return False
+    with open(path, "rb") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return False
 
 
 def _running(pid: int) -> bool:
@@ -91,7 +115,7 @@ def remove_stale_partials(path: str) -> list[str]:
                 stale = not _running(int(m.group(2)))
             else:
                 stale = now - os.stat(full).st_mtime > STALE_AFTER
-            if stale and os.path.isfile(full):
+            if stale and os.path.isfile(full) and not _locked(full):
                 os.remove(full)
                 removed.append(full)
         except OSError:  # removed meanwhile by another writer, or not ours to remove
@@ -107,7 +131,8 @@ def atomic_write(path: str, write: Callable[[BinaryIO, str], None], need: int = 
     removed first. ``need`` (bytes, 0 = unknown) is checked against the free disk space (after that cleanup),
     and a full disk is reported in one line either way. Returns the bytes written.
     """
-    remove_stale_partials(path)
+    if need:
+        remove_stale_partials(path)
     check_disk(path, need)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = partial_file(path)

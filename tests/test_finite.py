@@ -106,3 +106,32 @@ def test_keep_nonfinite_saves_it_and_debug_finds_the_first_unet_call(nan_unet, t
         assert _pngs(tmp_path) == []
         assert nan_unet(_argv(tmp_path / "kept", "--keep_nonfinite")) == 0
     assert _pngs(tmp_path / "kept") == ["00000.png", "grid-0000.png"]
+
+
+def test_nested_watches_restore_what_was_there(model):
+    outer = FiniteWatch(model)
+    inner = FiniteWatch(model)
+    inner.close()
+    assert model.decode_first_stage.__name__ == "wrapper"  # the outer watch's wrapper is back
+    outer.close()
+    assert "decode_first_stage" not in vars(model)
+
+
+def test_img2img_names_a_non_finite_encode(monkeypatch, tmp_path, capsys):
+    """The init image's VAE encode runs once before the passes: a NaN there is named as the encode."""
+    from PIL import Image
+    from ldm.apps import img2img
+    real = img2img.build_model
+
+    def build(opt, rt, *args, **kwargs):
+        model, name = real(opt, rt, *args, **kwargs)
+        _nan_after(model.first_stage_model.encoder, 0)
+        return model, name
+    monkeypatch.setattr(img2img, "build_model", build)
+    Image.new("RGB", (64, 64), (120, 30, 200)).save(tmp_path / "in.png")
+    argv = ["--demo", "--prompt", "x", "--init-img", str(tmp_path / "in.png"), "--n_iter", "1", "--n_samples", "1",
+            "--ddim_steps", "2", "--outdir", str(tmp_path / "out"), "--device", "cpu"]
+    assert img2img.main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: the VAE encode of the init image went non-finite (NaN or inf); nothing was written")
+    assert _pngs(tmp_path / "out") == []

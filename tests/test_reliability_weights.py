@@ -300,7 +300,7 @@ def test_stale_partials_are_removed_and_live_ones_kept(tmp_path):
             if name.endswith("@old"):
                 os.utime(p, (old, old))
         os.utime(mine, (old, old))
-        assert atomic_write(target, lambda f, _tmp: f.write(b"new")) == 3
+        assert atomic_write(target, lambda f, _tmp: f.write(b"new"), need=3) == 3  # a sized write cleans up
         kept = {n.removesuffix("@old") for n, keep in names.items() if keep}
         assert set(os.listdir(tmp_path)) == kept | {"model.ckpt", os.path.basename(mine)}
         assert remove_stale_partials(target) == []
@@ -331,3 +331,36 @@ def test_converter_killed_mid_write_leaves_nothing_after_the_next_run(orig, tmp_
     convert(src, out, dtype="fp16")
     assert os.listdir(out.parent) == ["model.ckpt"]
     assert read_checkpoint(out)[0][UNET_W].dtype == torch.float16
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_a_locked_partial_is_kept_whatever_its_name_says(tmp_path):
+    """A writer in another container may share the host name and have a pid that looks dead here: its flock
+    decides. Unsized writes (images) do not scan the folder at all."""
+    import fcntl
+    target = str(tmp_path / "model.ckpt")
+    fd, mine = partial_file(target)
+    os.close(fd)
+    host = os.path.basename(mine).split(".partial-")[1].split(".")[0]
+    live = tmp_path / f".model.partial-{host}.{_dead_pid()}-z9.ckpt"
+    live.write_bytes(b"x")
+    with open(live, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert remove_stale_partials(target) == []
+    assert atomic_write(target, lambda f, _tmp: f.write(b"img")) == 3 and live.exists()  # need=0: no scan
+    assert remove_stale_partials(target) == [str(live)]  # unlocked now, its pid dead: stale
+
+
+def test_the_record_scan_makes_no_class_per_global_and_caps_the_pickle(tmp_path, monkeypatch):
+    """A hostile data.pkl of many distinct globals costs no memory per global; an oversized one is refused unread."""
+    from ldm.weights import reading
+    globals_ = b"".join(b"c" + f"m{i}\nn{i}\n".encode() + b"0" for i in range(20000))  # GLOBAL then POP
+    scan = reading._RecordScan(b"\x80\x02" + globals_ + b"N.")
+    assert scan.load() is None and scan.records == {}
+    assert scan.find_class("os", "system") is reading._Stub and scan.find_class("m1", "n1") is reading._Stub
+    assert scan.find_class("torch", "HalfStorage").storage_name == "HalfStorage"
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.setattr(reading, "MAX_PICKLE_BYTES", 10)
+    with pytest.raises(CheckpointError, match=r"data\.pkl declares \d+ bytes"):
+        read_checkpoint(path)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 STAGES = ("text conditioning", "VAE encode", "sampling", "VAE decode")
+_NONE = object()
 
 
 def _all_finite(x: Any) -> torch.Tensor | None:
@@ -36,7 +37,7 @@ class FiniteWatch:
         self.model = model
         self.flags: list[tuple[str, torch.Tensor]] = []
         self.unet_calls: list[torch.Tensor] = []
-        self._wrapped: list[str] = []
+        self._wrapped: list[tuple[str, Any]] = []  # (name, the instance attribute it replaced, or _NONE)
         self._wrap("get_learned_conditioning", lambda out, args: [("text conditioning", out)])
         self._wrap("encode_first_stage", lambda out, args: [("VAE encode", out)])
         self._wrap("decode_first_stage", lambda out, args: [("sampling", args[0]), ("VAE decode", out)])
@@ -53,8 +54,8 @@ class FiniteWatch:
                 if flag is not None:
                     self.flags.append((stage, flag))
             return out
+        self._wrapped.append((name, vars(self.model).get(name, _NONE)))
         setattr(self.model, name, wrapper)  # an instance attribute: the class's method is untouched
-        self._wrapped.append(name)
 
     def reset(self) -> None:
         self.flags.clear()
@@ -75,8 +76,11 @@ class FiniteWatch:
         return stage
 
     def close(self) -> None:
-        for name in self._wrapped:
-            delattr(self.model, name)
+        for name, before in reversed(self._wrapped):  # what was there before, a nested watch's wrapper too
+            if before is _NONE:
+                delattr(self.model, name)
+            else:
+                setattr(self.model, name, before)
         self._wrapped.clear()
 
     def __enter__(self) -> "FiniteWatch":

@@ -17,7 +17,7 @@ import sys
 from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_latent_flags, check_model_args,
                           check_numbers, check_sampler_args, guidance_conditioning, make_sampler, optimize,
                           read_prompts, run_script, sampler_flag, setup)
-from ldm.apps.loop import sample_and_save
+from ldm.apps.loop import refuse_nonfinite_input, sample_and_save
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,6 +84,7 @@ def run(opt: argparse.Namespace) -> dict:
 
     with torch.no_grad(), runtime.attention_scope(rt.backends), runtime.precision_scope(rt.precision, device, dtype):
         init_latent = pipelines.encode_image(model, init_image.expand(opt.n_samples, -1, -1, -1), gen)
+        refuse_nonfinite_input(opt, init_latent, "the init image")
         shape = tuple(init_latent.shape)
 
         def noise(n: int):

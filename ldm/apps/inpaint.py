@@ -18,7 +18,7 @@ import sys
 from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_model_args, check_numbers,
                           check_sampler_args, guidance_conditioning, make_sampler, optimize, read_prompts, run_script,
                           sampler_flag, setup)
-from ldm.apps.loop import sample_and_save
+from ldm.apps.loop import refuse_nonfinite_input, sample_and_save
 
 DEMO_PRESET = "tiny-inpainting"
 CONFIG_HELP = "an SD 2 inpainting checkpoint (its config, v2-inpainting-inference.yaml, is found from its keys)"
@@ -80,6 +80,7 @@ def run(opt: argparse.Namespace) -> dict:
 
     with torch.no_grad(), runtime.attention_scope(rt.backends), runtime.precision_scope(rt.precision, device, dtype):
         c_concat = pipelines.inpaint_conditioning(model, inputs, opt.n_samples, gen)  # (B, 1 + C, h, w)
+        refuse_nonfinite_input(opt, c_concat, "the masked image")
         shape = (opt.n_samples, model.cfg.unet.out_channels, *c_concat.shape[-2:])
 
         def start_code(n: int):

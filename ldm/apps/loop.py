@@ -44,6 +44,13 @@ def refuse_nonfinite(opt: argparse.Namespace, watch: FiniteWatch, prompts: list[
                         f"this batch. Try --dtype fp32 or bf16, or --keep_nonfinite to save such images anyway")
 
 
+def refuse_nonfinite_input(opt: argparse.Namespace, latent, what: str) -> None:
+    """The VAE encode of the input image, made once before the passes: one line if it went NaN/inf."""
+    if not getattr(opt, "keep_nonfinite", False) and not bool(torch.isfinite(latent).all()):
+        raise UserError(f"the VAE encode of {what} went non-finite (NaN or inf); nothing was written. Try --dtype "
+                        f"fp32 or bf16, or --keep_nonfinite to go on anyway")
+
+
 def _passes(opt, batches, gen, noise, generate, caption, dtype, device, watch) -> dict:
     sample_dir = os.path.join(opt.outdir, "samples")
     os.makedirs(sample_dir, exist_ok=True)

@@ -53,7 +53,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     path = os.fspath(path)
     if _is_safetensors(path):
         return _read_safetensors(path)
-    mmap = zipfile.is_zipfile(path) and check_zip(path)
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # what torch.load tests; an old-format pickle is no zip
+    mmap = is_zip and check_zip(path)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -99,9 +101,13 @@ def check_zip(path: str) -> bool:
     try:
         with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
             infos = {i.filename: i for i in zf.infolist()}
-            pkl = next((n for n in infos if n == "data.pkl" or n.endswith("/data.pkl")), None)
-            if pkl is None:
-                raise CheckpointError(f"not a torch checkpoint: {path} is a zip without data.pkl")
+            first = next(iter(infos), "")
+            pkl = f"{first.split('/')[0]}/data.pkl"  # torch reads the archive named by the first record's folder
+            if pkl not in infos:
+                raise CheckpointError(f"not a torch checkpoint: {path} is a zip without {pkl}")
+            if infos[pkl].file_size > MAX_PICKLE_BYTES:
+                raise CheckpointError(f"refusing {path}: its {pkl} declares {infos[pkl].file_size} bytes "
+                                      f"(a checkpoint's is well under 1 MB)")
             records = _declared_records(zf.read(pkl))
             size = os.fstat(f.fileno()).st_size
             mappable, spans = True, []
@@ -177,16 +183,21 @@ class _RecordScan(pickle.Unpickler):
         self.records: dict[str, tuple[int | None, int]] = {}
 
     def find_class(self, module: str, name: str) -> type:
-        return type(name, (_Stub,), {"global_name": f"{module}.{name}"})
+        # one fixed stand-in per storage class, _Stub for everything else: a pickle of many globals costs nothing
+        return _STORAGE_STUBS.get((module, name), _Stub)
 
     def persistent_load(self, pid: Any) -> _Stub:
         if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
             _, storage_type, key, _, numel = pid
-            module, _, name = getattr(storage_type, "global_name", "").rpartition(".")
-            itemsize = _ITEMSIZES.get(name) if module in ("torch", "torch.storage") else None
+            itemsize = _ITEMSIZES.get(getattr(storage_type, "storage_name", None))
             nbytes = numel * itemsize if itemsize and isinstance(numel, int) else None  # None: torch checks it
             self.records.setdefault(str(key), (nbytes, itemsize or 1))
         return _Stub()
+
+
+_STORAGE_STUBS = {(module, name): type(name, (_Stub,), {"storage_name": name})
+                  for module in ("torch", "torch.storage") for name in _ITEMSIZES}
+MAX_PICKLE_BYTES = 256 * 2**20  # data.pkl of a real SD checkpoint is well under 1 MB; more is refused unread
 
 
 def _declared_records(data: bytes) -> dict[str, tuple[int | None, int]]:
