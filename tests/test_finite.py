@@ -64,18 +64,26 @@ def test_the_first_non_finite_stage_is_named(model, where, calls_ok, want):
 
 # ----- through the scripts: no silent NaN/black image -----
 
+def _nan_model(monkeypatch, app, part: str):
+    """The script ``app``'s main, its model's ``part`` (a dotted attribute path) giving NaN from the first call."""
+    real = app.build_model
+
+    def build(opt, rt, *args, **kwargs):
+        model, name = real(opt, rt, *args, **kwargs)
+        module = model
+        for attr in part.split("."):
+            module = getattr(module, attr)
+        _nan_after(module, 0)
+        return model, name
+    monkeypatch.setattr(app, "build_model", build)
+    return app.main
+
+
 @pytest.fixture()
 def nan_unet(monkeypatch):
     """txt2img's model with a UNet whose every output is NaN (as an fp16 overflow would make it)."""
     from ldm.apps import txt2img
-    real = txt2img.build_model
-
-    def build(opt, rt, *args, **kwargs):
-        model, name = real(opt, rt, *args, **kwargs)
-        _nan_after(model.model.diffusion_model, 0)
-        return model, name
-    monkeypatch.setattr(txt2img, "build_model", build)
-    return txt2img.main
+    return _nan_model(monkeypatch, txt2img, "model.diffusion_model")
 
 
 def _argv(tmp_path, *extra):
@@ -121,17 +129,11 @@ def test_img2img_names_a_non_finite_encode(monkeypatch, tmp_path, capsys):
     """The init image's VAE encode runs once before the passes: a NaN there is named as the encode."""
     from PIL import Image
     from ldm.apps import img2img
-    real = img2img.build_model
-
-    def build(opt, rt, *args, **kwargs):
-        model, name = real(opt, rt, *args, **kwargs)
-        _nan_after(model.first_stage_model.encoder, 0)
-        return model, name
-    monkeypatch.setattr(img2img, "build_model", build)
+    main = _nan_model(monkeypatch, img2img, "first_stage_model.encoder")
     Image.new("RGB", (64, 64), (120, 30, 200)).save(tmp_path / "in.png")
     argv = ["--demo", "--prompt", "x", "--init-img", str(tmp_path / "in.png"), "--n_iter", "1", "--n_samples", "1",
             "--ddim_steps", "2", "--outdir", str(tmp_path / "out"), "--device", "cpu"]
-    assert img2img.main(argv) == 1
+    assert main(argv) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         "error: the VAE encode of the init image went non-finite (NaN or inf); nothing was written")
     assert _pngs(tmp_path / "out") == []
