@@ -77,13 +77,21 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time_file", type=str, default=None, help="write the timed runtime (seconds) here")
 
 
-def check_numbers(opt: argparse.Namespace) -> None:
-    """Every float flag finite, the seed one torch's generator takes, --n_rows not negative."""
+def number_problem(opt: argparse.Namespace) -> str | None:
+    """What is wrong with the flags' numbers (a float flag not finite, a seed torch's generator cannot take), or
+    None; the scripts and the benchmark both ask."""
     for name, value in sorted(vars(opt).items()):
         if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--{name} {value} must be a finite number")
+            return f"--{name} {value} must be a finite number"
     if not SEED_RANGE[0] <= opt.seed <= SEED_RANGE[1]:
-        raise UserError(f"--seed {opt.seed} is out of range: torch's generator takes -2**63 to 2**64 - 1")
+        return f"--seed {opt.seed} is out of range: torch's generator takes -2**63 to 2**64 - 1"
+    return None
+
+
+def check_numbers(opt: argparse.Namespace) -> None:
+    """Every float flag finite, the seed one torch's generator takes, --n_rows not negative."""
+    if problem := number_problem(opt):
+        raise UserError(problem)
     if opt.n_rows < 0:
         raise UserError(f"--n_rows {opt.n_rows} must be 0 (one row per batch) or more")
 

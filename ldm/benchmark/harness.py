@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import shlex
 import subprocess
@@ -141,7 +140,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_flags(p: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
     """Numbers and paths the runs would fail on, as argparse's one-line usage error before any work."""
-    from ldm.apps.cli import SEED_RANGE
+    from ldm.apps.cli import number_problem
     from ldm.apps.images import unwritable_folder
     try:
         batches = [int(b) for b in opt.batch.split(",")]
@@ -149,9 +148,8 @@ def check_flags(p: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
         p.error(f"--batch takes batch sizes such as 1,2,4: got {opt.batch!r}")
     if min(batches) < 1:
         p.error(f"--batch sizes must be 1 or more: got {opt.batch!r}")
-    for name, value in sorted(vars(opt).items()):
-        if isinstance(value, float) and not math.isfinite(value):
-            p.error(f"--{name} {value} must be a finite number")
+    if problem := number_problem(opt):
+        p.error(problem)
     for name, low in (("steps", 1), ("n_iter", 1), ("unet_iters", 0), ("fit_step", 8), ("threads", 1),
                       ("check_steps", 1), ("ladder_steps", 1), ("unet_profile", 0)):
         value = getattr(opt, name)
@@ -163,8 +161,6 @@ def check_flags(p: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
     for name in ("memory_budget_gb", "run_timeout"):
         if getattr(opt, name) is not None and getattr(opt, name) <= 0:
             p.error(f"--{name} {getattr(opt, name)} must be more than 0")
-    if not SEED_RANGE[0] <= opt.seed <= SEED_RANGE[1]:
-        p.error(f"--seed {opt.seed} is out of range: torch's generator takes -2**63 to 2**64 - 1")
     for name in ("outdir", "cache_dir"):
         folder = getattr(opt, name)
         if folder is not None and (why := unwritable_folder(folder)):
