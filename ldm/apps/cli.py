@@ -286,16 +286,17 @@ def guidance_conditioning(model, prompts: list[str], negative_prompt: str, scale
     return model.get_learned_conditioning(prompts), uc
 
 
-def make_sampler(name: str, model, device):
-    """(sampler with the original API, display name) for 'ddim', 'plms' or 'dpm' (``sampler_flag(opt)``)."""
+def make_sampler(name: str, model, device, caching=None):
+    """(sampler with the original API, display name) for 'ddim', 'plms' or 'dpm' (``sampler_flag(opt)``);
+    ``caching``: the fewer-FLOPs methods (``ldm.apps.fewer_flops.caching_from``), None for none."""
     if name == "plms":
         from ldm.models.diffusion.plms import PLMSSampler
-        return PLMSSampler(model, device=device), "PLMS"
+        return PLMSSampler(model, device=device, caching=caching), "PLMS"
     if name == "dpm":
         from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-        return DPMSolverSampler(model, device=device), "DPM++ 2M"
+        return DPMSolverSampler(model, device=device, caching=caching), "DPM++ 2M"
     from ldm.models.diffusion.ddim import DDIMSampler
-    return DDIMSampler(model, device=device), "DDIM"
+    return DDIMSampler(model, device=device, caching=caching), "DDIM"
 
 
 def print_summary(opt: argparse.Namespace, summary: dict) -> None:

@@ -17,6 +17,7 @@ import sys
 from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_latent_flags, check_model_args,
                           check_numbers, check_sampler_args, guidance_conditioning, make_sampler, optimize,
                           read_prompts, run_script, sampler_flag, setup)
+from ldm.apps.fewer_flops import add_caching_args, caching_fields, caching_from, check_branch, check_caching
 from ldm.apps.loop import refuse_nonfinite_input, sample_and_save
 
 
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--from-file", type=str, help="read prompts from this file, one per line")
     add_model_args(p)
     add_speed_args(p)
+    add_caching_args(p)
     return p.parse_args(argv)
 
 
@@ -55,6 +57,7 @@ def check_args(opt: argparse.Namespace) -> None:
         raise UserError("--init-img is required: the image to start from")
     if not os.path.isfile(opt.init_img):
         raise UserError(f"init image not found: {opt.init_img}")
+    check_caching(opt)
     check_model_args(opt)
 
 
@@ -75,11 +78,13 @@ def run(opt: argparse.Namespace) -> dict:
     if model.cfg.conditioning_key != "crossattn":
         raise UserError("img2img needs a text-to-image model; this is an inpainting model (use ldm-inpaint, scripts/inpaint.py)")
     check_latent_flags(model, opt.f, opt.C)
-    sampler, sampler_name = make_sampler(sampler_flag(opt), model, device)
+    t_enc = pipelines.strength_to_steps(opt.strength, opt.ddim_steps)
+    caching = caching_from(opt, t_enc)  # T-GATE and --cfg_end count the steps img2img runs
+    check_branch(caching, model)
+    sampler, sampler_name = make_sampler(sampler_flag(opt), model, device, caching)
     print("speed: " + ", ".join(optimize(opt, model, rt)), file=sys.stderr)
 
     gen = torch.Generator(device).manual_seed(opt.seed)
-    t_enc = pipelines.strength_to_steps(opt.strength, opt.ddim_steps)
     print(f"target t_enc is {t_enc} of {opt.ddim_steps} steps", file=sys.stderr)
 
     with torch.no_grad(), runtime.attention_scope(rt.backends), runtime.precision_scope(rt.precision, device, dtype):
@@ -100,7 +105,7 @@ def run(opt: argparse.Namespace) -> dict:
         def caption(prompt: str, **fields) -> str:
             return images.parameters_text(prompt, opt.negative_prompt, opt.ddim_steps, sampler_name, opt.scale,
                                           opt.seed, width, height, model_name,
-                                          **{"Denoising strength": opt.strength, **fields})
+                                          **{"Denoising strength": opt.strength, **caching_fields(caching), **fields})
 
         return sample_and_save(opt, batches, gen, noise, generate, caption, dtype, model)
 

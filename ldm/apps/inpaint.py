@@ -18,6 +18,7 @@ import sys
 from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_model_args, check_numbers,
                           check_sampler_args, guidance_conditioning, make_sampler, optimize, read_prompts, run_script,
                           sampler_flag, setup)
+from ldm.apps.fewer_flops import add_caching_args, caching_fields, caching_from, check_branch, check_caching
 from ldm.apps.loop import refuse_nonfinite_input, sample_and_save
 
 DEMO_PRESET = "tiny-inpainting"
@@ -43,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--from-file", type=str, help="read prompts from this file, one per line")
     add_model_args(p)
     add_speed_args(p)
+    add_caching_args(p)
     return p.parse_args(argv)
 
 
@@ -55,6 +57,7 @@ def check_args(opt: argparse.Namespace) -> None:
             raise UserError(f"{flag} is required")
         if not os.path.isfile(path):
             raise UserError(f"{flag[2:]} not found: {path}")
+    check_caching(opt)
     check_model_args(opt)
 
 
@@ -73,7 +76,9 @@ def run(opt: argparse.Namespace) -> dict:
     model, model_name = build_model(opt, rt, demo_preset=DEMO_PRESET)
     if not getattr(model, "concat_keys", None):
         raise UserError(f"this is not an inpainting model (its UNet takes no mask); use {CONFIG_HELP}")
-    sampler, sampler_name = make_sampler(sampler_flag(opt), model, device)
+    caching = caching_from(opt, opt.steps)
+    check_branch(caching, model)
+    sampler, sampler_name = make_sampler(sampler_flag(opt), model, device, caching)
     print("speed: " + ", ".join(optimize(opt, model, rt)), file=sys.stderr)
 
     gen = torch.Generator(device).manual_seed(opt.seed)
@@ -94,7 +99,8 @@ def run(opt: argparse.Namespace) -> dict:
 
         def caption(prompt: str, **fields) -> str:
             return images.parameters_text(prompt, opt.negative_prompt, opt.steps, sampler_name, opt.scale, opt.seed,
-                                          width, height, model_name, **{"Mask": os.path.basename(opt.mask), **fields})
+                                          width, height, model_name,
+                                          **{"Mask": os.path.basename(opt.mask), **caching_fields(caching), **fields})
 
         return sample_and_save(opt, batches, gen, start_code, generate, caption, dtype, model)
 

@@ -16,6 +16,7 @@ import sys
 from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_latent_flags, check_latent_size,
                           check_model_args, check_numbers, check_sampler_args, guidance_conditioning, make_sampler,
                           native_size, optimize, read_prompts, run_script, sampler_flag, setup)
+from ldm.apps.fewer_flops import add_caching_args, caching_fields, caching_from, check_branch, check_caching
 from ldm.apps.loop import sample_and_save
 
 
@@ -43,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ipex", action="store_true", help="not supported: use --compile")
     add_model_args(p)
     add_speed_args(p)
+    add_caching_args(p)
     return p.parse_args(argv)
 
 
@@ -53,6 +55,7 @@ def check_args(opt: argparse.Namespace) -> None:
     check_numbers(opt)
     check_sampler_args(opt, ("steps", "n_iter", "n_samples", "f", "C", "repeat"))
     check_size(opt)
+    check_caching(opt)
     check_model_args(opt)
 
 
@@ -80,7 +83,9 @@ def run(opt: argparse.Namespace) -> dict:
         raise UserError("txt2img needs a text-to-image model; this is an inpainting model (use ldm-inpaint, "
                         "scripts/inpaint.py)")
     check_latent_flags(model, opt.f, opt.C)  # before sampling: a wrong --f would write images of another size
-    sampler, sampler_name = make_sampler(sampler_flag(opt), model, device)
+    caching = caching_from(opt, opt.steps)
+    check_branch(caching, model)
+    sampler, sampler_name = make_sampler(sampler_flag(opt), model, device, caching)
     if opt.H is None or opt.W is None:
         size = native_size(model, opt.demo)
         opt.H = opt.H or opt.W or size  # a side not given follows the other, else the model's native size
@@ -105,7 +110,7 @@ def run(opt: argparse.Namespace) -> dict:
 
     def caption(prompt: str, **fields) -> str:
         return images.parameters_text(prompt, opt.negative_prompt, opt.steps, sampler_name, opt.scale, opt.seed,
-                                      opt.W, opt.H, model_name, **fields)
+                                      opt.W, opt.H, model_name, **caching_fields(caching), **fields)
 
     with torch.no_grad(), runtime.attention_scope(rt.backends), runtime.precision_scope(rt.precision, device, dtype):
         return sample_and_save(opt, batches, gen, start_code, generate, caption, dtype, model)

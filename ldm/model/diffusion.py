@@ -110,14 +110,16 @@ class DiffusionWrapper(nn.Module):
         self.conditioning_key = conditioning_key
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list[torch.Tensor] | None = None,
-                c_crossattn: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """UNet output (B, C, H, W) for x (B, C, H, W); c_concat entries are (B, C_i, H, W)."""
+                c_crossattn: list[torch.Tensor] | None = None, **caching) -> torch.Tensor:
+        """UNet output (B, C, H, W) for x (B, C, H, W); c_concat entries are (B, C_i, H, W).
+
+        ``caching``: the UNet's DeepCache/T-GATE arguments (``UNetModel.forward``), passed through."""
         if self.conditioning_key == "hybrid":
             if not c_concat:
                 raise ValueError("hybrid conditioning needs c_concat (e.g. the inpainting mask and masked-image latent)")
             x = torch.cat([x, *c_concat], 1)  # (B, C + sum C_i, H, W)
         context = c_crossattn[0] if len(c_crossattn) == 1 else torch.cat(c_crossattn, 1)
-        return self.diffusion_model(x, t, context)
+        return self.diffusion_model(x, t, context, **caching)
 
 
 class LatentDiffusion(nn.Module):
@@ -166,18 +168,19 @@ class LatentDiffusion(nn.Module):
         """Prompts (list of str) -> (B, 77, D) cross-attention context."""
         return self.cond_stage_model.encode(c)
 
-    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond, return_ids: bool = False) -> torch.Tensor:
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond, return_ids: bool = False, **caching):
         """UNet output (eps or v) for latents x_noisy at timesteps t.
 
         ``cond``: the text context (or a list of them), or the original's dict
-        ``{"c_concat": [...], "c_crossattn": [...]}`` that hybrid (inpainting) models need.
+        ``{"c_concat": [...], "c_crossattn": [...]}`` that hybrid (inpainting) models need. ``caching``: the
+        UNet's feature-caching arguments (``UNetModel.forward``; then a tuple comes back), not the original's.
         """
         c_concat = None
         if isinstance(cond, dict):
             c_concat, cond = cond.get("c_concat"), cond["c_crossattn"]
         if not isinstance(cond, list):
             cond = [cond]
-        return self.model(x_noisy, t, c_concat=c_concat, c_crossattn=cond)
+        return self.model(x_noisy, t, c_concat=c_concat, c_crossattn=cond, **caching)
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False):

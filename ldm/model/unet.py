@@ -9,8 +9,8 @@ from torch import nn
 
 from ldm.model.attention import check_backend
 from ldm.model.config import take_params
-from ldm.model.unet_blocks import (Downsample, ResBlock, SpatialTransformer, TimestepEmbedSequential, Upsample,
-                             normalization, timestep_embedding)
+from ldm.model.unet_blocks import (BasicTransformerBlock, Downsample, ResBlock, SpatialTransformer,
+                                   TimestepEmbedSequential, Upsample, normalization, timestep_embedding)
 
 # yaml keys of the original UNetModel that only matter for training or for other model families.
 _IGNORED = {"use_checkpoint", "use_fp16", "use_bf16", "image_size", "dropout", "legacy", "use_new_attention_order",
@@ -127,22 +127,49 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        blocks = [m for m in self.modules() if isinstance(m, BasicTransformerBlock)]  # in call order
+        for i, m in enumerate(blocks):
+            m.cross_index = i
+        self.num_cross_blocks = len(blocks)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.time_embed[0].weight.dtype
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, branch: int | None = None,
+                deep: torch.Tensor | None = None, cross: tuple[torch.Tensor, ...] | None = None,
+                record: bool = False):
+        """The UNet output (B, C_out, H, W); with any of the caching arguments, (out, deep feature, cross outputs).
+
+        ``branch`` (DeepCache, Ma et al. 2023): the skip branch whose features stay fresh, 0 being the
+        shallowest. Without ``deep`` the whole UNet runs and also returns the input of output block
+        ``-(branch + 1)``, the deep feature; with ``deep`` (a feature from an earlier call) only input blocks
+        ``0 ... branch`` and the last ``branch + 1`` output blocks run. ``cross`` (T-GATE, Zhang et al. 2024):
+        every transformer block takes its cross-attention output from this tuple instead of computing it;
+        ``record``: return each block's cross-attention output (index ``cross_index``).
+        The extras are Python structure, not data: each combination is its own compiled graph.
+        """
         # The network runs in its weights' dtype; the output comes back in the input's dtype.
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))  # (B, 4*mc)
         context = context.to(dtype)
+        kept = [None] * self.num_cross_blocks if record else None
+        shallow = len(self.input_blocks) if branch is None else branch + 1  # the output blocks fed by fresh skips
         h = x.to(dtype)
         skips = []
-        for block in self.input_blocks:
-            h = block(h, emb, context)
+        for block in self.input_blocks[:shallow if deep is not None else len(self.input_blocks)]:
+            h = block(h, emb, context, cross, kept)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h).to(x.dtype)
+        if deep is None:
+            h = self.middle_block(h, emb, context, cross, kept)
+            for block in self.output_blocks[:len(self.output_blocks) - shallow]:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb, context, cross, kept)
+            fresh = h
+        else:
+            h, fresh = deep.to(dtype), None
+        for block in self.output_blocks[len(self.output_blocks) - shallow:]:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, cross, kept)
+        out = self.out(h).to(x.dtype)
+        if branch is None and not record:
+            return out
+        return out, (fresh if branch is not None else None), (tuple(kept) if record else None)

@@ -107,6 +107,7 @@ class BasicTransformerBlock(nn.Module):
                  backend: str = "sdpa"):
         super().__init__()
         self.disable_self_attn = disable_self_attn
+        self.cross_index = 0  # this block's place in the UNet's cross-attention cache (set by the UNet)
         self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None, heads, dim_head, backend)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, backend)
@@ -114,9 +115,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, cross: tuple[torch.Tensor, ...] | None = None,
+                record: list | None = None) -> torch.Tensor:
+        """``cross``: reuse entry ``cross_index`` as the cross-attention output (T-GATE); ``record``: store it there."""
         x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
-        x = self.attn2(self.norm2(x), context) + x
+        a = cross[self.cross_index] if cross is not None else self.attn2(self.norm2(x), context)  # (B, T, C)
+        if record is not None:
+            record[self.cross_index] = a
+        x = a + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -135,7 +141,8 @@ class SpatialTransformer(nn.Module):
             for _ in range(depth))
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, cross: tuple[torch.Tensor, ...] | None = None,
+                record: list | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
         if not self.use_linear:
@@ -144,7 +151,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, cross, record)
         if self.use_linear:
             h = self.proj_out(h)
         # (B, C, H, W) made contiguous in x's layout: the transposed view is channels_last, and left so in an NCHW
@@ -161,12 +168,13 @@ class SpatialTransformer(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """Runs its layers in order, giving each the inputs it needs (emb for ResBlocks, context for transformers)."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                cross: tuple[torch.Tensor, ...] | None = None, record: list | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, cross, record)
             else:
                 x = layer(x)
         return x

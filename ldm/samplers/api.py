@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ldm.samplers.caching import Caching, CachingCFGDenoiser
 from ldm.samplers.ddim import sample_ddim
 from ldm.samplers.dpm_solver import sample_dpmpp_2m
 from ldm.samplers.guidance import CFGDenoiser, Denoiser, StepCallback
@@ -55,10 +56,17 @@ def _check_batch(what: str, cond: Any, batch_size: int) -> None:
 
 
 class LDMSampler:
-    """Holds the model and device; ``sample()`` takes the original keyword arguments and returns (x, intermediates)."""
+    """Holds the model and device; ``sample()`` takes the original keyword arguments and returns (x, intermediates).
 
-    def __init__(self, model: Any, schedule: str = "linear", device: torch.device | str | None = None, **kwargs: Any):
+    ``caching``: DeepCache / T-GATE / early guidance end (``ldm.samplers.caching``), not the original's;
+    None: the plain ``CFGDenoiser``. The last run's denoiser is ``last_denoiser``.
+    """
+
+    def __init__(self, model: Any, schedule: str = "linear", device: torch.device | str | None = None,
+                 caching: Caching | None = None, **kwargs: Any):
         self.model = model
+        self.caching = caching
+        self.last_denoiser: Any = None
         self.ddpm_num_timesteps = model.num_timesteps
         self.schedule = schedule
         self.device = torch.device(device) if device is not None else model.device
@@ -73,6 +81,25 @@ class LDMSampler:
         training timestep instead (DDIM only).
         """
         raise NotImplementedError
+
+    def call_steps(self, steps: int | None = None, use_original_steps: bool = False) -> list[int]:
+        """The step index of each denoiser call a ``run`` makes (one call per step here)."""
+        return list(range(self.steps_of_run(steps, use_original_steps)))
+
+    def steps_of_run(self, steps: int | None, use_original_steps: bool) -> int:
+        """How many steps ``run(steps=..., use_original_steps=...)`` takes."""
+        raise NotImplementedError
+
+    def denoiser(self, cond: Any, uncond: Any, scale: float, steps: int | None = None,
+                 use_original_steps: bool = False) -> Denoiser:
+        """The denoiser of one run: ``CFGDenoiser``, or ``CachingCFGDenoiser`` when ``caching`` is given."""
+        if self.caching is not None:
+            denoise = CachingCFGDenoiser(self.model, cond, uncond, scale, self.caching,
+                                         self.call_steps(steps, use_original_steps))
+        else:
+            denoise = CFGDenoiser(self.model, cond, uncond, scale)
+        self.last_denoiser = denoise
+        return denoise
 
     def encode_levels(self) -> list[tuple[float, float]]:
         """(alpha, sigma) that ``stochastic_encode(x0, t)`` noises to, for each step index t = 0 ... S.
@@ -110,7 +137,7 @@ class LDMSampler:
         size = (batch_size, *shape)
         # generator=None draws from the global RNG, like the original's torch.randn(shape, device=device)
         x = x_T if x_T is not None else torch.randn(size, generator=generator, device=self.device)
-        denoise = CFGDenoiser(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale)
+        denoise = self.denoiser(conditioning, unconditional_conditioning, unconditional_guidance_scale)
         intermediates = {"x_inter": [x], "pred_x0": [x]}
 
         def step_callback(i: int, x_i: torch.Tensor, x0_i: torch.Tensor) -> None:
@@ -165,7 +192,8 @@ class LDMSampler:
         As the original DDIM ``decode``: step indices t_start - 1 ... 0, ``callback(i)`` after each; the eta noise
         (DDIM with eta > 0) comes from ``generator``.
         """
-        denoise = CFGDenoiser(self.model, cond, unconditional_conditioning, unconditional_guidance_scale)
+        denoise = self.denoiser(cond, unconditional_conditioning, unconditional_guidance_scale, int(t_start),
+                                use_original_steps)
 
         def step_callback(i: int, x_i: torch.Tensor, x0_i: torch.Tensor) -> None:
             if callback is not None:
@@ -198,6 +226,9 @@ class DDIMSampler(LDMSampler):
     def num_steps(self) -> int:
         return len(self.ddim_schedule.timesteps)
 
+    def steps_of_run(self, steps: int | None, use_original_steps: bool) -> int:
+        return len(self.schedule_for(steps, use_original_steps).timesteps)
+
     def schedule_for(self, steps: int | None = None, use_original_steps: bool = False) -> DDIMSchedule:
         """The schedule ``run`` follows: make_schedule's (or every training step), its last ``steps`` steps."""
         sched = original_steps_schedule(self.alpha_bar, self.ddim_eta) if use_original_steps else self.ddim_schedule
@@ -228,6 +259,10 @@ class PLMSSampler(DDIMSampler):
             raise ValueError("ddim_eta must be 0 for PLMS")
         super().make_schedule(ddim_num_steps, ddim_discretize, 0.0, verbose)
 
+    def call_steps(self, steps: int | None = None, use_original_steps: bool = False) -> list[int]:
+        """PLMS's first step calls the denoiser twice."""
+        return [0] + super().call_steps(steps, use_original_steps)
+
     def run(self, denoise: Denoiser, x: torch.Tensor, generator: torch.Generator | None,
             step_callback: StepCallback, progress: bool, steps: int | None = None,
             use_original_steps: bool = False) -> torch.Tensor:
@@ -245,6 +280,9 @@ class DPMSolverSampler(LDMSampler):
     @property
     def num_steps(self) -> int:
         return len(self.dpm_schedule.model_time) - 1
+
+    def steps_of_run(self, steps: int | None, use_original_steps: bool) -> int:
+        return self.num_steps if steps is None else int(steps)
 
     def encode_levels(self) -> list[tuple[float, float]]:
         """Index t is the point decode(t_start=t) starts from: point S - t of the S + 1 (0: timestep 0, S: T-1)."""

@@ -100,7 +100,10 @@ def inductor_settings(mode: str, device: torch.device) -> dict[str, Any]:
 
 
 def _clone_tensors(out: Any) -> Any:
-    """``out`` with every tensor cloned: a tensor, or a tuple/list of them (diffusers' ``return_dict=False``)."""
+    """``out`` with every tensor cloned: a tensor, or a (nested) tuple/list of them and None (diffusers'
+    ``return_dict=False``; the UNet's caching outputs)."""
+    if out is None:
+        return None
     if isinstance(out, torch.Tensor):
         return out.clone()
     if isinstance(out, (tuple, list)):
