@@ -22,7 +22,7 @@ def add_caching_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tgate", nargs="?", const="paper", default=None, metavar="STEP",
                    help="T-GATE (Zhang et al. 2024): cache each cross-attention output at the step before STEP and "
                         "reuse it from STEP on, without classifier-free guidance there; the flag alone: the paper's "
-                        f"gate, {TGATE_FRACTION:.0%} of the steps (10 of 25)")
+                        f"gate, {TGATE_FRACTION * 100:.0f}%% of the steps (10 of 25)")
     p.add_argument("--cfg_end", type=float, default=None, metavar="FRACTION",
                    help="guidance only for the first FRACTION of the steps (Adaptive Guidance, Castillo et al. "
                         "2023), then the conditional half alone; guidance stops at the earlier of this and --tgate")
