@@ -123,8 +123,10 @@ def remove_stale_partials(path: str) -> list[str]:
     return removed
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO, str], None], need: int = 0) -> int:
-    """Run ``write(file, temp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
+def atomic_write(path: str, write: Callable[[BinaryIO, str], None], need: int = 0, replace: bool = True) -> int:
+    """Run ``write(file, temp_path)`` on a temporary file beside ``path``, then rename it over ``path``; with
+    ``replace=False`` the finished file is published only where ``path`` is free (``FileExistsError`` otherwise,
+    and nothing is written): how independent writers of one folder claim names without overwriting each other.
 
     On any error (or Ctrl-C) the temporary file is removed and ``path`` is untouched. The temporary
     name keeps the suffix so readers that sniff it still work; stale ones of ``path`` that killed writers left are
@@ -145,7 +147,10 @@ def atomic_write(path: str, write: Callable[[BinaryIO, str], None], need: int = 
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
         size = os.path.getsize(tmp)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            publish_new(tmp, path)
         return size
     except BaseException as e:
         full = _disk_full(e, folder)  # before the partial file is removed and its space freed
@@ -155,6 +160,21 @@ def atomic_write(path: str, write: Callable[[BinaryIO, str], None], need: int = 
             raise DiskSpaceError(f"the disk filled up while writing {path} ({folder}: "
                                   f"{shutil.disk_usage(folder).free / 1e9:.1f} GB free now); nothing was written") from e
         raise
+
+
+def publish_new(tmp: str, path: str) -> None:
+    """Give the finished file ``tmp`` the name ``path`` only if no file has it (FileExistsError otherwise): a hard
+    link is that test and the publication in one step, so the name is never seen empty or half-written. Where the
+    file system has no hard links, an exclusive create claims the name first, then the file is renamed over it."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # EPERM, ENOTSUP...: no hard links here
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
 
 
 def write_text(path: str, text: str) -> int:

@@ -40,6 +40,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="model yaml (default: chosen from the checkpoint's keys, and printed)")
     p.add_argument("--ckpt", type=str, help="path to the checkpoint (.ckpt or .safetensors, either layout)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed_per_item", action="store_true",
+                   help="image g's start noise from seed + g, as under torchrun: the same images whatever the "
+                        "number of ranks (default without torchrun: one generator for the whole run)")
+    p.add_argument("--dist_timeout", type=float, default=1800.0,  # distributed.DEFAULT_TIMEOUT
+                   help="under torchrun: seconds a rank waits for the others (rank 0 compiles first) before failing")
     p.add_argument("--precision", type=str, choices=list(PRECISIONS), default=None,
                    help="autocast (default on CUDA, as the original) or full (default on CPU)")
     p.add_argument("--device", type=str, default=None, help="cuda (default when available) or cpu")
@@ -94,6 +99,8 @@ def check_numbers(opt: argparse.Namespace) -> None:
         raise UserError(problem)
     if opt.n_rows < 0:
         raise UserError(f"--n_rows {opt.n_rows} must be 0 (one row per batch) or more")
+    if not getattr(opt, "dist_timeout", 1.0) > 0:
+        raise UserError(f"--dist_timeout {opt.dist_timeout} must be more than 0 seconds")
 
 
 def check_model_args(opt: argparse.Namespace) -> None:
@@ -302,9 +309,14 @@ def make_sampler(name: str, model, device, caching=None):
 def print_summary(opt: argparse.Namespace, summary: dict) -> None:
     """The closing line: images, timed seconds and rate, where the files are."""
     s = summary["seconds"]
+    ranks = (f" on {summary['ranks']} ranks, {summary['wall_seconds']:.2f}s wall" if "ranks" in summary else "")
     print(f"Sampled {summary['images']} images in {s:.2f}s ({summary['images'] / s if s > 0 else 0.0:.3f} images/s, "
-          f"timed{' after a warm-up iteration' if opt.skip_first else ''}). Samples in {opt.outdir}/samples, "
+          f"timed{' after a warm-up iteration' if opt.skip_first else ''}{ranks}). Samples in {opt.outdir}/samples, "
           f"grid {summary['grid']}")
+    first = [f for f in summary.get("first_call_seconds") or [] if f is not None]
+    if len(first) > 1 and (opt.compile or opt.compile_vae):
+        print(f"first call (compilation): rank 0 {first[0]:.2f}s, then from its FX graph cache ranks 1..: "
+              + ", ".join(f"{f:.2f}s" for f in first[1:]))
 
 
 def describe(e: BaseException) -> str:
@@ -314,20 +326,28 @@ def describe(e: BaseException) -> str:
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower():
         return ("out of memory: reduce --n_samples or the image size, use --dtype fp16/bf16, and keep the fused "
                 "SDPA kernels (drop --disable_mem_efficient/--disable_flash, --attention math)")
-    if isinstance(e, (UserError, ValueError, FileNotFoundError, DiskSpaceError)):
+    from ldm.apps.distributed import RankFailed
+    if isinstance(e, (UserError, ValueError, FileNotFoundError, DiskSpaceError, RankFailed)):
         return text
     return f"{type(e).__name__}: {text} (run with --debug for the traceback)"
 
 
 def run_script(opt: argparse.Namespace, check: Callable[[argparse.Namespace], None],
                run: Callable[[argparse.Namespace], dict], demo_model: str = "a tiny model") -> int:
-    """A script's main: check the flags, say what --demo makes, run, print the summary; errors are one line."""
+    """A script's main: check the flags, say what --demo makes, run, print the summary; errors are one line.
+    Under torchrun every rank does this (``ldm.apps.distributed``); rank 0 alone speaks, once for the job."""
     def body() -> int:
-        check(opt)
-        if opt.demo:
-            print(f"--demo: {demo_model} with RANDOM weights; the image will be noise. "
-                  "It checks the pipeline, not the picture.", file=sys.stderr)
-        print_summary(opt, run(opt))
+        from ldm.apps import distributed
+        with distributed.job(opt.device, getattr(opt, "dist_timeout", distributed.DEFAULT_TIMEOUT), describe) as job:
+            if job.launched:
+                opt.device = job.device
+            job.together(check, opt)
+            if opt.demo and job.main:
+                print(f"--demo: {demo_model} with RANDOM weights; the image will be noise. "
+                      "It checks the pipeline, not the picture.", file=sys.stderr)
+            summary = job.together(run, opt)
+            if job.main:
+                print_summary(opt, summary)
         return 0
     return guarded(opt, body)
 
@@ -347,5 +367,7 @@ def guarded(opt: argparse.Namespace, fn: Callable[[], int]) -> int:
     except Exception as e:
         if opt.debug:
             raise
-        print(f"error: {describe(e)}", file=sys.stderr)
+        from ldm.apps.distributed import RankFailed
+        if not isinstance(e, RankFailed) or e.report:  # a failed job's line is printed by one rank only
+            print(f"error: {describe(e)}", file=sys.stderr)
         return 1

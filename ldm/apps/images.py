@@ -45,16 +45,31 @@ def parameters_text(prompt: str, negative_prompt: str, steps: int, sampler: str,
     return f"{prompt}\nNegative prompt: {negative_prompt}\n" + ", ".join(f"{k}: {v}" for k, v in fields.items())
 
 
-def save_png(img: Image.Image, path: str, parameters: str | None = None) -> None:
-    """Write atomically (``ldm.fileio.atomic_write``): never a half-written PNG."""
+def save_png(img: Image.Image, path: str, parameters: str | None = None, replace: bool = True) -> None:
+    """Write atomically (``ldm.fileio.atomic_write``): never a half-written PNG; with ``replace=False``,
+    FileExistsError when ``path`` is taken, and nothing is written."""
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    atomic_write(path, lambda f, _tmp: img.save(f, format="PNG", pnginfo=info))
+    atomic_write(path, lambda f, _tmp: img.save(f, format="PNG", pnginfo=info), replace=replace)
+
+
+def save_new_png(img: Image.Image, folder: str, index: int, parameters: str | None = None,
+                 name: str = "{:05}.png", pattern: str = r"^(\d+)\.png$") -> tuple[str, int]:
+    """(path, number) of ``img`` saved as ``name.format(index)`` in ``folder``, or, where another process took
+    that name first, as the next free number: a name is claimed atomically, so no image overwrites another."""
+    while True:
+        path = os.path.join(folder, name.format(index))
+        try:
+            save_png(img, path, parameters, replace=False)
+            return path, index
+        except FileExistsError:
+            index = max(index + 1, next_index(folder, pattern))
 
 
 def next_index(folder: str, pattern: str = r"^(\d+)\.png$") -> int:
-    """1 + the highest number among existing files matching ``pattern`` (0 if none), so nothing is overwritten."""
+    """1 + the highest number among existing files matching ``pattern`` (0 if none): where numbering starts
+    (``save_new_png`` claims each name atomically, so two writers starting at the same number do not collide)."""
     best = -1
     if os.path.isdir(folder):
         for name in os.listdir(folder):

@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+from ldm.apps import distributed
 from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_latent_flags, check_model_args,
                           check_numbers, check_sampler_args, guidance_conditioning, make_sampler, optimize,
                           read_prompts, run_script, sampler_flag, setup)
@@ -99,7 +100,7 @@ def run(opt: argparse.Namespace) -> dict:
             n = len(prompts)
             c, uc = guidance_conditioning(model, prompts, opt.negative_prompt, opt.scale)
             samples = pipelines.img2img(sampler, init_latent[:n], c, uc, opt.scale, opt.ddim_steps, opt.strength,
-                                        opt.ddim_eta, gen, noise=eps)
+                                        opt.ddim_eta, gen, noise=eps, verbose=distributed.current().step_bars)
             return images.to_uint8(model.decode_first_stage(samples))
 
         def caption(prompt: str, **fields) -> str:

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+from ldm.apps import distributed
 from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_model_args, check_numbers,
                           check_sampler_args, guidance_conditioning, make_sampler, optimize, read_prompts, run_script,
                           sampler_flag, setup)
@@ -94,7 +95,8 @@ def run(opt: argparse.Namespace) -> dict:
         def generate(prompts: list[str], x_T):
             n = len(prompts)
             c, uc = guidance_conditioning(model, prompts, opt.negative_prompt, opt.scale)
-            samples = pipelines.inpaint(sampler, c_concat[:n], c, uc, opt.scale, opt.steps, opt.ddim_eta, x_T, gen)
+            samples = pipelines.inpaint(sampler, c_concat[:n], c, uc, opt.scale, opt.steps, opt.ddim_eta, x_T, gen,
+                                        verbose=distributed.current().step_bars)
             return images.to_uint8(model.decode_first_stage(samples))
 
         def caption(prompt: str, **fields) -> str:

@@ -4,17 +4,21 @@ time file."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 from typing import Any, Callable
 
 import torch
+from tqdm import tqdm
 
-from ldm.apps import images
+from ldm.apps import distributed, images
 from ldm.apps.cli import Interrupted, UserError
 from ldm.apps.finite import FiniteWatch
 from ldm.fileio import write_text
 from ldm.speed import runtime
+
+GRID_PATTERN = r"^grid-(\d+)\.png$"
 
 
 def sample_and_save(opt: argparse.Namespace, batches: list[list[str]], gen, noise: Callable[[int], Any],
@@ -28,6 +32,11 @@ def sample_and_save(opt: argparse.Namespace, batches: list[list[str]], gen, nois
     timed passes raises ``Interrupted``, whose message says which files were written. A batch whose text
     conditioning, latents or decoded images are not finite is refused, naming the stage (``FiniteWatch``: read
     once per batch, after the sampling loop), unless --keep_nonfinite.
+
+    Under torchrun (``ldm.apps.distributed``) each rank takes every world_size-th batch of the n_iter passes;
+    with it, or with --seed_per_item, image g's start noise comes from seed + g, and its file is number
+    start + g, start being the first free number rank 0 found: the same files whatever the number of ranks.
+    Rank 0 writes the grid and the time file (the slowest rank's seconds, summed over the rounds) at the end.
     """
     device = gen.device
     with FiniteWatch(model, per_call=opt.debug) as watch:
@@ -52,44 +61,117 @@ def refuse_nonfinite_input(opt: argparse.Namespace, latent, what: str) -> None:
 
 
 def _passes(opt, batches, gen, noise, generate, caption, dtype, device, watch) -> dict:
+    job = distributed.current()
+    per_item = job.launched or getattr(opt, "seed_per_item", False)
+    # rank 0 compiles first; the others then find its graphs in the inductor FX graph cache
+    staged = job.world_size > 1 and (getattr(opt, "compile", False) or getattr(opt, "compile_vae", False))
     sample_dir = os.path.join(opt.outdir, "samples")
     os.makedirs(sample_dir, exist_ok=True)
-    if opt.skip_first:
-        state = gen.get_state()
-        generate(batches[0], noise(len(batches[0])))
+    work = [(it, prompts) for it in range(opt.n_iter) for prompts in batches]  # work item k: one batch
+    firsts = list(itertools.accumulate((len(p) for _, p in work), initial=0))  # global index of k's first image
+    first_call: list[float] = []  # this rank's first generate call, where compilation happens
+
+    def timed(prompts, start) -> tuple[Any, float]:
         runtime.synchronize(device)
-        refuse_nonfinite(opt, watch, batches[0])
-        gen.set_state(state)
-    fixed = noise(opt.n_samples) if opt.fixed_code else None
-    all_images, timed, samples, grid_path = [], 0.0, [], None
-    index = images.next_index(sample_dir)
+        t0 = time.perf_counter()
+        out = generate(prompts, start)
+        runtime.synchronize(device)
+        secs = time.perf_counter() - t0
+        if not first_call:
+            first_call.append(secs)
+        return out, secs
+
+    if opt.skip_first:
+        def warm_up() -> None:
+            state = gen.get_state()
+            timed(batches[0], noise(len(batches[0])))
+            refuse_nonfinite(opt, watch, batches[0])
+            gen.set_state(state)
+        _main_first(job, staged, warm_up)
+    fixed = noise(opt.n_samples) if opt.fixed_code and not per_item else None
+    mine, samples, grid_path, total, seconds, shift = {}, [], None, 0, 0.0, 0
+    index = job.share(images.next_index(sample_dir) if job.main else None)
+
+    def one_batch(k: int) -> tuple[float, int]:
+        nonlocal shift
+        if k >= len(work):
+            return 0.0, 0
+        it, prompts = work[k]
+        keys = range(len(prompts)) if opt.fixed_code else range(firsts[k], firsts[k] + len(prompts))
+        start = (fixed[: len(prompts)] if fixed is not None else item_noise(noise, gen, opt.seed, keys) if per_item
+                 else noise(len(prompts)))
+        out, secs = timed(prompts, start)
+        refuse_nonfinite(opt, watch, prompts)
+        for i, (img, prompt, key) in enumerate(zip(out, prompts, keys)):
+            seed = {"Item seed": distributed.item_seed(opt.seed, key)} if per_item else {}
+            text = caption(prompt, **{"Batch size": len(prompts), "Batch pos": i, "Iteration": it,
+                                      "Eta": opt.ddim_eta, "Dtype": str(dtype).split(".")[-1], **seed})
+            wanted = index + firsts[k] + i + shift
+            path, number = images.save_new_png(images.to_pil(img), sample_dir, wanted, text)
+            shift += number - wanted  # another writer took the name: this rank's later names follow the new one
+            samples.append(path)
+        mine[k] = out
+        return secs, len(prompts)
+
+    bar = tqdm(total=firsts[-1], desc="images", unit="img", disable=not (job.main and job.world_size > 1))
+    t_wall = time.perf_counter()
     try:
-        for it in range(opt.n_iter):
-            for prompts in batches:
-                start = fixed[: len(prompts)] if fixed is not None else noise(len(prompts))
-                runtime.synchronize(device)
-                t0 = time.perf_counter()
-                out = generate(prompts, start)
-                runtime.synchronize(device)
-                timed += time.perf_counter() - t0
-                refuse_nonfinite(opt, watch, prompts)
-                for i, (img, prompt) in enumerate(zip(out, prompts)):
-                    text = caption(prompt, **{"Batch size": len(prompts), "Batch pos": i, "Iteration": it,
-                                              "Eta": opt.ddim_eta, "Dtype": str(dtype).split(".")[-1]})
-                    path = os.path.join(sample_dir, f"{index:05}.png")
-                    images.save_png(images.to_pil(img), path, text)
-                    samples.append(path)
-                    index += 1
-                all_images.append(out)
-        grid = images.make_grid(torch.cat(all_images), opt.n_rows or opt.n_samples)
-        grid_index = images.next_index(opt.outdir, r"^grid-(\d+)\.png$")
-        path = os.path.join(opt.outdir, f"grid-{grid_index:04}.png")
-        images.save_png(images.to_pil(grid), path, caption(batches[0][0]))
-        grid_path = path
-        write_time_file(opt.time_file, timed)
+        for r in range(-(-len(work) // job.world_size)):
+            k, done, error = r * job.world_size + job.rank, (0.0, 0), None
+            try:
+                done = _main_first(job, staged and r == 0 and not opt.skip_first, lambda: one_batch(k))
+            except distributed.RankFailed:
+                raise
+            except Exception as e:
+                error = e
+            report = job.agree(error, done)
+            seconds += max(s for s, _ in report)  # the ranks run side by side: the slowest one's time counts
+            total += sum(n for _, n in report)
+            bar.update(sum(n for _, n in report))
+        bar.close()  # before the grid: the summary line follows the finished bar
+        gathered = job.gather((mine, first_call[:1]))
+        if job.main:
+            every = {k: out for m, _ in gathered for k, out in m.items()}
+            grid = images.make_grid(torch.cat([every[k] for k in range(len(work))]), opt.n_rows or opt.n_samples)
+            grid_path, _ = images.save_new_png(images.to_pil(grid), opt.outdir,
+                                               images.next_index(opt.outdir, GRID_PATTERN), caption(batches[0][0]),
+                                               name="grid-{:04}.png", pattern=GRID_PATTERN)
+            write_time_file(opt.time_file, seconds)
     except KeyboardInterrupt as e:
         raise Interrupted(images.written_text(samples, grid_path)) from e
-    return {"seconds": timed, "images": len(samples), "grid": grid_path}
+    finally:
+        bar.close()
+    summary = {"seconds": seconds, "images": total, "grid": grid_path}
+    if job.launched:
+        summary.update(ranks=job.world_size, wall_seconds=time.perf_counter() - t_wall,
+                       first_call_seconds=[f[0] if f else None for _, f in gathered] if job.main else first_call)
+    return summary
+
+
+def _main_first(job: distributed.Job, staged: bool, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank; when ``staged``, on rank 0 first and on the others once it is done (or failed)."""
+    if not staged:
+        return fn()
+    if job.main:
+        try:
+            result = fn()
+        except Exception as e:
+            job.agree(e)
+            raise
+        job.agree()
+        return result
+    job.agree()
+    return fn()
+
+
+def item_noise(noise: Callable[[int], Any], gen, seed: int, keys) -> Any:
+    """Start noise of a batch whose items are ``keys``: item g's from the generator seeded with seed + g, so an
+    image does not depend on which rank or batch made it. The generator goes on from the last item's state."""
+    parts = []
+    for key in keys:
+        gen.manual_seed(distributed.item_seed(seed, key))
+        parts.append(noise(1))
+    return torch.cat(parts)
 
 
 def write_time_file(path: str | None, seconds: float) -> None:

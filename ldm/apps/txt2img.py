@@ -3,6 +3,7 @@
     python scripts/txt2img.py --prompt "A photo" --seed 1 --plms \
         --config configs/stable-diffusion/v2-inference_native_mha.yaml --ckpt /tmp/model_native_mha.ckpt \
         --n_iter 2 --n_samples 1 --compile --skip_first
+    torchrun --standalone --nproc_per_node 8 scripts/txt2img.py --from-file prompts.txt ...   # README "Many GPUs"
 
 Flags parse here; the work is done by the ldm package. Errors are one line on stderr and exit 1
 (``--debug`` shows the traceback); image files are written atomically, so none is ever partial.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ldm.apps import distributed
 from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_latent_flags, check_latent_size,
                           check_model_args, check_numbers, check_sampler_args, guidance_conditioning, make_sampler,
                           native_size, optimize, read_prompts, run_script, sampler_flag, setup)
@@ -104,7 +106,7 @@ def run(opt: argparse.Namespace) -> dict:
     def generate(prompts, x_T):
         c, uc = guidance_conditioning(model, prompts, opt.negative_prompt, opt.scale)
         samples, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=len(prompts), shape=shape,
-                                    verbose=True, unconditional_guidance_scale=opt.scale,
+                                    verbose=distributed.current().step_bars, unconditional_guidance_scale=opt.scale,
                                     unconditional_conditioning=uc, eta=opt.ddim_eta, x_T=x_T, generator=gen)
         return images.to_uint8(model.decode_first_stage(samples))
 

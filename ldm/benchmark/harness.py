@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--ladder_dtype", choices=["bf16", "fp16"], default="bf16",
                    help="the reduced precision of the ladder's step 1")
     r.add_argument("--no_peer", action="store_true", help="the ladder without diffusers' H configurations")
+    r.add_argument("--throughput", default=None, metavar="N|R,R,...",
+                   help="data-parallel throughput instead (ldm.benchmark.throughput): txt2img under torchrun at "
+                        "1..N ranks (or these rank counts), configuration D and any --extra")
     r.add_argument("--repeats", "-N", type=int, default=10, help="times the sequence A B C ... is repeated (0: the UNet microbenchmark only)")
     r.add_argument("--batch", default="1", help="batch sizes (n_samples), comma list of 1, 2, 4, ...")
     r.add_argument("--steps", type=int, default=50)
@@ -129,6 +132,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--ladder_only takes step numbers such as 5,6: got {opt.ladder_only!r}")
         if not opt.ladder or not opt.ladder_only or not all(0 <= k < n for k in opt.ladder_only):
             p.error(f"--ladder_only needs --ladder and step numbers from 0 to {n - 1}")
+    if opt.throughput is not None:
+        from ldm.benchmark.throughput import parse_ranks
+        try:
+            opt.throughput = parse_ranks(opt.throughput)
+        except ValueError:
+            p.error(f"--throughput takes a rank count N (1..N) or counts such as 1,2,4: got {opt.throughput!r}")
     if opt.ladder and opt.fit != "auto":
         p.error("--ladder runs no memory search (--fit); drop --fit, or run it with --configs")
     if opt.random and (opt.ckpt or opt.config):
@@ -278,6 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     if opt.ladder:
         opt.fit = "none"
     config, ckpt, model_name = prepare_model(opt)
+    if opt.throughput:
+        if is_inpainting(config):
+            raise SystemExit("error: --throughput times text-to-image runs, which an inpainting model cannot do")
+        from ldm.benchmark import throughput
+        os.makedirs(opt.outdir, exist_ok=True)
+        extra = [c for c in configs if c.key not in CONFIGS]
+        return throughput.main(opt, argv, [CONFIGS["D"], *extra], config, ckpt, model_name, dtype)
     run_configs = configs
     if is_inpainting(config):
         if opt.ladder:
