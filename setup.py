@@ -6,8 +6,9 @@ them) and are mapped into the wheel as ``ldm/configs``, where ``ldm.model.preset
 from setuptools import find_packages, setup
 
 setup(
-    # configs/tiny is a valid package name and configs/stable-diffusion is not: both are listed as data
-    packages=find_packages(include=["ldm", "ldm.*"]) + ["ldm.configs", "ldm.configs.tiny"],
+    # configs/tiny and configs/sdxl are valid package names and configs/stable-diffusion is not: all are listed as data
+    packages=find_packages(include=["ldm", "ldm.*"]) + ["ldm.configs", "ldm.configs.tiny", "ldm.configs.sdxl"],
     package_dir={"ldm.configs": "configs"},
-    package_data={"ldm.configs": ["stable-diffusion/*.yaml"], "ldm.configs.tiny": ["*.yaml"]},
+    package_data={"ldm.configs": ["stable-diffusion/*.yaml"], "ldm.configs.tiny": ["*.yaml"],
+                  "ldm.configs.sdxl": ["*.yaml"]},
 )

@@ -53,9 +53,10 @@ def test_ldm_is_imported_from_the_install_with_its_configs(installed):
     module, configs = out.stdout.split()
     assert module.startswith(str(target)) and not module.startswith(ROOT), module
     assert configs == os.path.join(str(target), "ldm", "configs")
-    assert sorted(os.listdir(configs)) == ["stable-diffusion", "tiny"]
-    assert sorted(os.listdir(os.path.join(configs, "stable-diffusion"))) == \
-        sorted(os.listdir(os.path.join(ROOT, "configs", "stable-diffusion")))
+    assert sorted(os.listdir(configs)) == ["sdxl", "stable-diffusion", "tiny"]
+    for folder in ("sdxl", "stable-diffusion", "tiny"):
+        assert sorted(f for f in os.listdir(os.path.join(configs, folder)) if f.endswith(".yaml")) == \
+            sorted(os.listdir(os.path.join(ROOT, "configs", folder))), folder
 
 
 def test_console_scripts_exist_and_answer_help(installed):

@@ -14,9 +14,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ldm.model.clip import CLIPTextConfig
+from ldm.model.conditioner import ConditionerConfig, EmbedderConfig, FourierConfig, OpenCLIP2Config
 from ldm.model.config import fits, kind, one_line, shown, to_plain
 from ldm.model.diffusion import INPAINT_TARGETS, DiffusionConfig, model_config
 from ldm.model.openclip import TextConfig
+from ldm.model.sdxl import ENGINE_TARGETS, DenoiserConfig, SDXLConfig
 from ldm.model.unet import UNetConfig
 from ldm.model.vae import VAEConfig
 
@@ -44,7 +46,7 @@ def config_shown(rel: str) -> str:
 @dataclass(frozen=True)
 class Preset:
     """A known model: its typed config and the shipped yaml (under ``configs/``, original layout) it comes from."""
-    config: DiffusionConfig
+    config: DiffusionConfig | SDXLConfig
     yaml: str
 
     def native_yaml(self) -> str | None:
@@ -77,7 +79,35 @@ def _sd(unet: UNetConfig, vae: VAEConfig, text, **kw) -> DiffusionConfig:
     return DiffusionConfig(unet=unet, vae=vae, text=text, **_SD, **kw)
 
 
-SD, TINY = "stable-diffusion/", "tiny/"
+def _sdxl_unet(model_channels: int, channel_mult: tuple[int, ...], depth, context_dim: int, adm: int,
+               head_channels: int = 64) -> UNetConfig:
+    return UNetConfig(in_channels=4, out_channels=4, model_channels=model_channels, attention_resolutions=(4, 2),
+                      num_res_blocks=(2,) * len(channel_mult), channel_mult=channel_mult, context_dim=context_dim,
+                      num_head_channels=head_channels, use_linear_in_transformer=True, transformer_depth=depth,
+                      num_classes="sequential", adm_in_channels=adm)
+
+
+def _sdxl_conditioner(clip: CLIPTextConfig | None, bigg: OpenCLIP2Config, outdim: int, refiner: bool):
+    numbers = ("original_size_as_tuple", "crop_coords_top_left",
+               "aesthetic_score" if refiner else "target_size_as_tuple")
+    texts = ((EmbedderConfig("txt", clip),) if clip else ()) + (EmbedderConfig("txt", bigg),)
+    return ConditionerConfig(texts + tuple(EmbedderConfig(k, FourierConfig(outdim)) for k in numbers))
+
+
+_SDXL_CLIP = CLIPTextConfig(layer="hidden", layer_idx=11)  # ViT-L/14, the 11th of 12 layers, no final norm
+_SDXL_BIGG = OpenCLIP2Config(width=1280, heads=20, layers=32, embed_dim=1280, layer="penultimate",
+                             always_return_pooled=True, legacy=False)  # ViT-bigG-14
+_TINY_CLIP = CLIPTextConfig(width=32, heads=2, layers=3, layer="hidden", layer_idx=2, version="custom")
+_TINY_BIGG = OpenCLIP2Config(width=64, heads=4, layers=3, embed_dim=48, layer="penultimate",
+                             always_return_pooled=True, legacy=False)
+_SDXL_DENOISER = DenoiserConfig(num_idx=1000)
+
+
+def _sdxl(unet: UNetConfig, vae: VAEConfig, conditioner: ConditionerConfig) -> SDXLConfig:
+    return SDXLConfig(unet=unet, vae=vae, conditioner=conditioner, denoiser=_SDXL_DENOISER, scale_factor=0.13025)
+
+
+SD, TINY, SDXL = "stable-diffusion/", "tiny/", "sdxl/"
 PRESETS: dict[str, Preset] = {
     "sd1": Preset(_sd(_sd_unet(768, 4, True), _SD_VAE, _SD1_TEXT), SD + "v1-inference.yaml"),
     "sd1-inpainting": Preset(_sd(_sd_unet(768, 9, True), _SD_VAE, _SD1_TEXT, **_INPAINT),
@@ -92,25 +122,37 @@ PRESETS: dict[str, Preset] = {
     "sd1-tiny": Preset(_sd(_tiny_unet(4, True), _TINY_VAE, CLIPTextConfig(width=64, heads=4, layers=3,
                                                                          version="custom")), TINY + "v1-tiny.yaml"),
 }
+PRESETS.update({
+    "sdxl-base": Preset(_sdxl(_sdxl_unet(320, (1, 2, 4), (1, 2, 10), 2048, 2816), _SD_VAE,
+                              _sdxl_conditioner(_SDXL_CLIP, _SDXL_BIGG, 256, False)), SDXL + "sd_xl_base.yaml"),
+    "sdxl-refiner": Preset(_sdxl(_sdxl_unet(384, (1, 2, 4, 4), 4, 1280, 2560), _SD_VAE,
+                                 _sdxl_conditioner(None, _SDXL_BIGG, 256, True)), SDXL + "sd_xl_refiner.yaml"),
+    # SDXL-shaped: no attention at the first level, depth per level (the middle block takes the last), two towers
+    "sdxl-tiny": Preset(_sdxl(_sdxl_unet(32, (1, 2, 2), (1, 1, 2), 96, 48 + 6 * 8, head_channels=16), _TINY_VAE,
+                              _sdxl_conditioner(_TINY_CLIP, _TINY_BIGG, 8, False)), TINY + "sdxl-tiny.yaml"),
+    "sdxl-refiner-tiny": Preset(_sdxl(_sdxl_unet(32, (1, 2, 2, 2), 2, 64, 48 + 5 * 8, head_channels=16), _TINY_VAE,
+                                      _sdxl_conditioner(None, _TINY_BIGG, 8, True)), TINY + "sdxl-refiner-tiny.yaml"),
+})
 PRESETS["tiny-v"] = Preset(replace(PRESETS["tiny"].config, parameterization="v"), TINY + "v2-tiny-v.yaml")
 PRESETS["tiny-inpainting"] = Preset(replace(PRESETS["tiny"].config, unet=_tiny_unet(9, False), **_INPAINT),
                                     TINY + "v2-tiny-inpainting.yaml")
 
 
-def from_name(name: str) -> DiffusionConfig:
+def from_name(name: str) -> DiffusionConfig | SDXLConfig:
     """The typed config of a preset (``sd1``, ``sd2``, ``sd2-v``, ``tiny``, ...)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
     return PRESETS[name].config
 
 
-def load_config(config: Any) -> DiffusionConfig:
-    """A DiffusionConfig from a yaml path, an OmegaConf/dict of the whole file or of ``model``, or itself.
+def load_config(config: Any) -> DiffusionConfig | SDXLConfig:
+    """A DiffusionConfig (SD 1.x/2.x: ``LatentDiffusion``) or SDXLConfig (generative-models' ``DiffusionEngine``)
+    from a yaml path, an OmegaConf/dict of the whole file or of ``model``, or itself.
 
     A yaml path that cannot be read (binary, bad syntax), is empty or not a mapping, has a value of the wrong type
     for a known key, or does not map to a model is one ValueError naming the file and the key.
     """
-    if isinstance(config, DiffusionConfig):
+    if isinstance(config, (DiffusionConfig, SDXLConfig)):
         return config
     path = None
     if isinstance(config, (str, os.PathLike)):
@@ -134,9 +176,11 @@ def load_config(config: Any) -> DiffusionConfig:
         if "params" not in node:
             raise ValueError(f"{where or 'the config'} has no params: it does not describe a model")
         target = node.get("target", "ldm.models.diffusion.ddpm.LatentDiffusion")
+        if target in ENGINE_TARGETS:
+            return SDXLConfig.from_params(node.get("params", {}))
         if not target.endswith("LatentDiffusion") and target not in INPAINT_TARGETS:
             raise ValueError(f"config model target {target!r} is not supported (LatentDiffusion, "
-                             "LatentInpaintDiffusion)")
+                             "LatentInpaintDiffusion, sgm.models.diffusion.DiffusionEngine)")
         return model_config(target, node.get("params", {}))
     except Exception as e:  # the typed mapping's ValueErrors and TypeErrors, OmegaConf interpolation errors
         if path is None:
@@ -169,18 +213,24 @@ def _check_types(model: Any, where: str) -> None:
                 raise ValueError(f"{at(*keys, key)}: expected {kind(hint)}, got {shown(value)}")
 
     params = mapping(mapping(model).get("params"), "params")
-    own = {k: v for k, v in get_type_hints(DiffusionConfig).items() if k not in ("unet", "vae", "text")}
+    sdxl = mapping(model).get("target") in ENGINE_TARGETS
+    typed = SDXLConfig if sdxl else DiffusionConfig
+    own = {k: v for k, v in get_type_hints(typed).items() if k not in ("unet", "vae", "text", "conditioner",
+                                                                        "denoiser")}
     fields(params, own, "params")
-    unet = mapping(mapping(params.get("unet_config"), "params", "unet_config").get("params"),
-                   "params", "unet_config", "params")
-    unet_hints = dict(get_type_hints(UNetConfig), num_res_blocks=int | tuple[int, ...])  # one int for every level
-    fields(unet, unet_hints, "params", "unet_config", "params")
+    key = "network_config" if sdxl else "unet_config"
+    unet = mapping(mapping(params.get(key), "params", key).get("params"), "params", key, "params")
+    unet_hints = dict(get_type_hints(UNetConfig), num_res_blocks=int | tuple[int, ...],  # one int for every level
+                      context_dim=int | tuple[int, ...])  # sgm: one per level
+    fields(unet, unet_hints, "params", key, "params")
     vae = mapping(mapping(params.get("first_stage_config"), "params", "first_stage_config").get("params"),
                   "params", "first_stage_config", "params")
     fields(vae, {"embed_dim": int}, "params", "first_stage_config", "params")
     dd = mapping(vae.get("ddconfig"), "params", "first_stage_config", "params", "ddconfig")
     fields(dd, {k: v for k, v in get_type_hints(VAEConfig).items() if k not in ("embed_dim", "attn")},
            "params", "first_stage_config", "params", "ddconfig")
+    if sdxl:  # the conditioner's embedders are checked by ConditionerConfig.from_params, each named by index
+        return
     text_node = mapping(params.get("cond_stage_config"), "params", "cond_stage_config")
     text = mapping(text_node.get("params"), "params", "cond_stage_config", "params")
     text_cls = TEXT_TARGETS.get(text_node.get("target"), TextConfig)
@@ -188,9 +238,29 @@ def _check_types(model: Any, where: str) -> None:
            "params", "cond_stage_config", "params")
 
 
+# generative-models' yaml targets -> where that code lives here: a mapping, not a top-level ``sgm`` package, which
+# would shadow Stability's own when both are installed. DiffusionEngine resolves, as the original yamls'
+# LatentDiffusion does, to the class with the original ``load_state_dict`` (either layout, extras ignored).
+SGM_TARGETS = {
+    "sgm.models.diffusion.DiffusionEngine": "ldm.weights.loading.DiffusionEngine",
+    "sgm.modules.diffusionmodules.openaimodel.UNetModel": "ldm.model.unet.UNetModel",
+    "sgm.models.autoencoder.AutoencoderKL": "ldm.model.vae.AutoencoderKL",
+    "sgm.modules.GeneralConditioner": "ldm.model.conditioner.GeneralConditioner",
+    "sgm.modules.encoders.modules.FrozenCLIPEmbedder": "ldm.model.clip.FrozenCLIPEmbedder",
+    "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2": "ldm.model.conditioner.FrozenOpenCLIPEmbedder2",
+    "sgm.modules.encoders.modules.ConcatTimestepEmbedderND": "ldm.model.conditioner.ConcatTimestepEmbedderND",
+    "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser": "ldm.model.sdxl.DiscreteDenoiser",
+    "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling": "ldm.model.sdxl.EpsScaling",
+    "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization": "ldm.model.sdxl.LegacyDDPMDiscretization",
+}
+
+
 def get_obj_from_str(string: str) -> Any:
-    """'pkg.module.Name' -> the object."""
-    module, cls = string.rsplit(".", 1)
+    """'pkg.module.Name' -> the object (generative-models' ``sgm.*`` names through ``SGM_TARGETS``)."""
+    if string.startswith("sgm.") and string not in SGM_TARGETS:
+        raise ValueError(f"target {string!r}: this generative-models class is not supported (known: "
+                         f"{', '.join(sorted(SGM_TARGETS))})")
+    module, cls = SGM_TARGETS.get(string, string).rsplit(".", 1)
     return getattr(importlib.import_module(module, package=None), cls)
 
 

@@ -1,4 +1,10 @@
-"""The latent-diffusion UNet (SD 1.x/2.x), built from a typed config, with no graph breaks."""
+"""The latent-diffusion UNet (SD 1.x/2.x and SDXL), built from a typed config, with no graph breaks.
+
+SDXL adds to the SD UNet (generative-models' ``sgm.modules.diffusionmodules.openaimodel.UNetModel``): a
+transformer depth per level (the middle block takes the last level's), levels without attention (those not in
+``attention_resolutions``), and ``label_emb``, the ADM vector embedding (``num_classes: sequential``), which
+adds an MLP of the ``adm_in_channels``-wide vector ``y`` to the timestep embedding.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +19,19 @@ from ldm.model.unet_blocks import (BasicTransformerBlock, Downsample, ResBlock, 
                                    TimestepEmbedSequential, Upsample, normalization, timestep_embedding)
 
 # yaml keys of the original UNetModel that only matter for training or for other model families.
+# spatial_transformer_attn_type (sgm) names a kernel: the attention backend is chosen at run time here.
 _IGNORED = {"use_checkpoint", "use_fp16", "use_bf16", "image_size", "dropout", "legacy", "use_new_attention_order",
-            "num_heads_upsample"}
+            "num_heads_upsample", "spatial_transformer_attn_type"}
 # yaml keys whose only supported value is given here.
 _FIXED = {"dims": 2, "conv_resample": True, "use_spatial_transformer": True, "use_scale_shift_norm": False,
-          "resblock_updown": False, "num_classes": None, "n_embed": None, "adm_in_channels": None}
+          "resblock_updown": False, "n_embed": None, "disable_middle_transformer": False}
+NUM_CLASSES = (None, "sequential")  # no class embedding, or SDXL's ADM vector MLP
 _REQUIRED = ("in_channels", "out_channels", "model_channels", "attention_resolutions", "num_res_blocks",
              "context_dim")
 _KNOWN = {"in_channels", "out_channels", "model_channels", "attention_resolutions", "num_res_blocks", "channel_mult",
           "num_heads", "num_head_channels", "transformer_depth", "context_dim", "use_linear_in_transformer",
-          "disable_self_attentions", "disable_middle_self_attn", "num_attention_blocks", "attention"}
+          "disable_self_attentions", "disable_middle_self_attn", "num_attention_blocks", "attention", "num_classes",
+          "adm_in_channels"}
 
 
 @dataclass(frozen=True)
@@ -38,12 +47,20 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 8)
     num_heads: int = -1
     num_head_channels: int = -1
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # one for all levels, or per level (SDXL base: 1, 2, 10)
     use_linear_in_transformer: bool = False
     disable_self_attentions: tuple[bool, ...] | None = None
     disable_middle_self_attn: bool = False
     num_attention_blocks: tuple[int, ...] | None = None
     attention: str = "sdpa"
+    num_classes: str | None = None  # "sequential": label_emb over an adm_in_channels-wide vector (SDXL)
+    adm_in_channels: int | None = None
+
+    def depth_at(self, level: int | None) -> int:
+        """Transformer blocks per SpatialTransformer at ``level`` (None: the middle block, the last level's)."""
+        if isinstance(self.transformer_depth, int):
+            return self.transformer_depth
+        return self.transformer_depth[-1 if level is None else level]
 
     def heads_at(self, ch: int) -> tuple[int, int]:
         """(heads, dim_head) for a transformer over ``ch`` channels."""
@@ -58,13 +75,24 @@ class UNetConfig:
         missing = [k for k in _REQUIRED if k not in p]
         if missing:
             raise ValueError(f"UNetModel: missing config key(s) {', '.join(missing)}")
-        if isinstance(p["context_dim"], (list, tuple)):
-            raise ValueError("UNetModel: a list of context_dim per transformer layer is not supported")
+        if isinstance(p["context_dim"], (list, tuple)):  # sgm: one per level; SDXL's refiner repeats one value
+            if len(set(p["context_dim"])) != 1:
+                raise ValueError("UNetModel: a context_dim that differs per level is not supported")
+            p["context_dim"] = p["context_dim"][0]
+        if p.get("num_classes") not in NUM_CLASSES:
+            raise ValueError(f"UNetModel: num_classes={p['num_classes']!r} is not supported (only 'sequential')")
+        if (p.get("num_classes") is None) != (p.get("adm_in_channels") is None):
+            raise ValueError("UNetModel: num_classes: sequential and adm_in_channels go together")
         if p.get("num_heads", -1) == -1 and p.get("num_head_channels", -1) == -1:
             raise ValueError("UNetModel: either num_heads or num_head_channels has to be set")
         mult = tuple(p.get("channel_mult", cls.channel_mult))
         nrb = p["num_res_blocks"]
         p["num_res_blocks"] = (nrb,) * len(mult) if isinstance(nrb, int) else tuple(nrb)
+        if isinstance(p.get("transformer_depth"), (list, tuple)):
+            if len(p["transformer_depth"]) != len(mult):
+                raise ValueError(f"UNetModel: transformer_depth has {len(p['transformer_depth'])} entries for "
+                                 f"{len(mult)} levels")
+            p["transformer_depth"] = tuple(p["transformer_depth"])
         for key in ("attention_resolutions", "channel_mult", "disable_self_attentions", "num_attention_blocks"):
             if p.get(key) is not None:
                 p[key] = tuple(p[key])
@@ -84,6 +112,9 @@ class UNetModel(nn.Module):
         emb_dim = mc * 4
         self.model_channels = mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.num_classes == "sequential":  # key label_emb.0.{0,2}: sgm nests the MLP in a second Sequential
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         nn.Linear(emb_dim, emb_dim)))
 
         def transformer(ch: int, level: int | None, index: int) -> list[nn.Module]:
             if level is not None and cfg.num_attention_blocks is not None and index >= cfg.num_attention_blocks[level]:
@@ -93,7 +124,7 @@ class UNetModel(nn.Module):
                 no_self = cfg.disable_middle_self_attn
             else:
                 no_self = bool(cfg.disable_self_attentions[level]) if cfg.disable_self_attentions else False
-            return [SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
+            return [SpatialTransformer(ch, heads, dim_head, cfg.depth_at(level), cfg.context_dim,
                                        cfg.use_linear_in_transformer, no_self, cfg.attention)]
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -138,8 +169,11 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, branch: int | None = None,
                 deep: torch.Tensor | None = None, cross: tuple[torch.Tensor, ...] | None = None,
-                record: bool = False):
+                record: bool = False, y: torch.Tensor | None = None):
         """The UNet output (B, C_out, H, W); with any of the caching arguments, (out, deep feature, cross outputs).
+
+        ``y`` (B, adm_in_channels): the vector conditioning of a ``num_classes: sequential`` UNet (SDXL's pooled
+        text embedding and Fourier-embedded sizes), required by such a UNet and refused by others.
 
         ``branch`` (DeepCache, Ma et al. 2023): the skip branch whose features stay fresh, 0 being the
         shallowest. Without ``deep`` the whole UNet runs and also returns the input of output block
@@ -152,6 +186,10 @@ class UNetModel(nn.Module):
         # The network runs in its weights' dtype; the output comes back in the input's dtype.
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))  # (B, 4*mc)
+        if (y is None) != (self.cfg.num_classes is None):
+            raise ValueError("a num_classes: sequential UNet needs y, the vector conditioning; other UNets take none")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(dtype))  # (B, 4*mc)
         context = context.to(dtype)
         kept = [None] * self.num_cross_blocks if record else None
         shallow = len(self.input_blocks) if branch is None else branch + 1  # the output blocks fed by fresh skips

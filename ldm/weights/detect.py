@@ -1,8 +1,9 @@
 """Which repo config fits a checkpoint: read from its keys and shapes, for runs without ``--config``.
 
 What the weights tell: the text encoder (CLIP ``cond_stage_model.transformer.*`` for SD 1.x, OpenCLIP
-``cond_stage_model.model.*`` for SD 2.x), the cross-attention context width, the UNet's width and
-input channels (9 = inpainting), and the attention layout. What they cannot tell: SD 2.x eps vs v
+``cond_stage_model.model.*`` for SD 2.x, SDXL's ``conditioner.embedders.*``), the cross-attention context
+width, the UNet's width and input channels (9 = inpainting), its vector conditioning width (SDXL base 2816,
+refiner 2560), and the attention layout (``ldm.weights.families``). What they cannot tell: SD 2.x eps vs v
 prediction (the 512px base models predict eps, the 768px models v, with identical shapes). That is
 guessed from the file name when it says 512 or 768, and otherwise assumed to be v (768px
 v2-inference-v.yaml, the default SD 2.x release); the message says so and how to override it.

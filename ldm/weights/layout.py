@@ -22,7 +22,7 @@ from ldm.weights.reading import CheckpointError
 # prefix as some writers save it -> the canonical prefix, for keys that continue with one of CLIP_PARTS
 TEXT_RENAMES = {
     "cond_stage_model.transformer.": "cond_stage_model.transformer.text_model.",  # SD 1.x CLIP ViT-L/14
-    "conditioner.embedders.0.transformer.": "conditioner.embedders.0.transformer.text_model.",  # SDXL (unsupported)
+    "conditioner.embedders.0.transformer.": "conditioner.embedders.0.transformer.text_model.",  # SDXL base's CLIP
 }
 CLIP_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
 _ORIG_ATTN = re.compile(r"^(.*\.attn[12])\.to_q\.weight$")

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ldm.model import diffusion
+from ldm.model import diffusion, sdxl
 from ldm.model.attention import set_attention_backend
 from ldm.model.presets import load_config
 from ldm.model.schedule import BUFFER_NAMES
@@ -39,7 +39,7 @@ def prepare_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], stri
     if detect_layout(sd) == "original":
         sd = to_native(sd)
     own = model.state_dict()
-    for name in BUFFER_NAMES:  # derived from the config; older or hand-made files may omit them
+    for name in (*BUFFER_NAMES, *sdxl.BUFFER_NAMES):  # derived from the config; some files omit them
         if name in own and name not in sd:
             sd[name] = own[name]
     if strict:
@@ -106,8 +106,15 @@ class LatentInpaintDiffusion(LoadsReleasedCheckpoints, diffusion.LatentInpaintDi
     """``ldm.model.diffusion.LatentInpaintDiffusion`` with the original ``load_state_dict``."""
 
 
-def model_class(cfg: diffusion.DiffusionConfig) -> type[diffusion.LatentDiffusion]:
-    """The class that runs ``cfg`` (inpainting or not), with the original ``load_state_dict``."""
+class DiffusionEngine(LoadsReleasedCheckpoints, sdxl.DiffusionEngine):
+    """``ldm.model.sdxl.DiffusionEngine`` (SDXL) with the original ``load_state_dict``; generative-models' yamls
+    name it ``sgm.models.diffusion.DiffusionEngine``."""
+
+
+def model_class(cfg: diffusion.DiffusionConfig | sdxl.SDXLConfig) -> type[torch.nn.Module]:
+    """The class that runs ``cfg`` (SDXL, inpainting or not), with the original ``load_state_dict``."""
+    if isinstance(cfg, sdxl.SDXLConfig):
+        return DiffusionEngine
     return LatentInpaintDiffusion if diffusion.model_class(cfg) is diffusion.LatentInpaintDiffusion else LatentDiffusion
 
 
@@ -126,8 +133,9 @@ def load_model(config: Any, ckpt: str | os.PathLike, device: str | torch.device 
                progress: Callable[[str], None] | None = None):
     """Build on the meta device, load ``ckpt`` (either layout) strictly with assign=True, move once.
 
-    Returns (model, LoadReport). ``dtype`` (None keeps the stored dtype) applies to the UNet, VAE and
-    text encoder; the schedule buffers stay float32. ``progress(stage)`` is called as each stage ends.
+    Returns (model, LoadReport): a LatentDiffusion for SD 1.x/2.x configs, a DiffusionEngine for SDXL ones.
+    ``dtype`` (None keeps the stored dtype) applies to the UNet, VAE and text encoder(s); the schedule buffers
+    (and SDXL's sigmas) stay float32. ``progress(stage)`` is called as each stage ends.
     """
     step = progress or (lambda stage: None)
     start = time.perf_counter()
@@ -144,10 +152,13 @@ def load_model(config: Any, ckpt: str | os.PathLike, device: str | torch.device 
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"weights not loaded: {name_list(left)}")
-    for part in (model.model, model.first_stage_model, model.cond_stage_model):
+    text = model.conditioner if isinstance(model, sdxl.DiffusionEngine) else model.cond_stage_model
+    for part in (model.model, model.first_stage_model, text):
         part.to(device=device, dtype=dtype)
-    for name in BUFFER_NAMES:
+    for name in BUFFER_NAMES:  # the schedule tables (and SDXL's sigmas) stay float32
         setattr(model, name, getattr(model, name).to(device))
+    if isinstance(model, sdxl.DiffusionEngine):
+        model.denoiser.to(device)
     if attention is not None:
         set_attention_backend(model, attention)
     model.eval()

@@ -266,7 +266,8 @@ _EXTRA_KEYS = {"lvlb_weights", "logvar", "global_step", "epoch"}
 # Kept by the converter, ignored when loading: transformers' CLIP saved its arange(77) position ids (a buffer,
 # not a weight) until 4.31, so SD 1.x files carry them; the text tower uses positions 0..T-1 as newer transformers.
 CLIP_POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
-DERIVED_KEYS = {CLIP_POSITION_IDS}
+SDXL_POSITION_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"  # SDXL's CLIP ViT-L
+DERIVED_KEYS = {CLIP_POSITION_IDS, SDXL_POSITION_IDS}
 
 
 def split_extras(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
