@@ -171,9 +171,12 @@ def test_refiner_unet_matches_diffusers_with_aesthetic_score(tmp_path):
                   added_cond_kwargs={"text_embeds": c["vector"][:, :48], "time_ids": time_ids}).sample
     err = rel_err(model.apply_model(x, t, c), theirs)
     assert err <= 1e-4, err
-    uc = model.get_unconditional_conditioning(batch, ["", ""])  # negative aesthetic score 2.5, as sgm's demo
-    want = model.conditioner.embedders[3](torch.tensor([[2.5], [2.5]]))
-    assert torch.equal(uc["vector"][:, -8:], want) and not uc["crossattn"].any()
+    # the refiner encodes the empty negative prompt (sgm samples it as is_legacy: no force_uc_zero_embeddings),
+    # with the negative aesthetic score 2.5 of sgm's demo
+    uc = model.get_unconditional_conditioning(batch, ["", ""])
+    want = model.get_learned_conditioning(conditioning_batch(["", ""], (96, 80), (8, 4), aesthetic_score=2.5))
+    assert torch.equal(uc["vector"], want["vector"]) and torch.equal(uc["crossattn"], want["crossattn"])
+    assert uc["crossattn"].abs().max() > 0.1
 
 
 @torch.no_grad()
@@ -198,6 +201,20 @@ def test_unet_caching_arguments_work_with_the_vector(base):
     assert torch.equal(base.apply_model(x, t, c, cross=kept), plain)  # a plain call: one tensor back
     with pytest.raises(ValueError, match="needs y"):
         base.model.diffusion_model(x, t, c["crossattn"])
+
+
+def test_sdxl_unet_has_no_graph_breaks(base):
+    """The vector conditioning keeps the UNet one graph (as the SD UNet: tests/test_compile.py)."""
+    unet = base.model.diffusion_model
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 1])
+    context, y = torch.randn(2, 77, 96), torch.randn(2, 96)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            explanation = torch._dynamo.explain(unet)(x, t, context, y=y)
+    finally:
+        torch._dynamo.reset()
+    assert (explanation.graph_break_count, explanation.graph_count) == (0, 1)
 
 
 # ----------------------------------------------------------------------------- full size, meta device only
@@ -339,8 +356,9 @@ def test_layout_round_trip_is_bit_exact(tmp_path):
     back = to_native(orig)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     save_file({k: v.contiguous() for k, v in orig.items()}, tmp_path / "sdxl.safetensors")
-    report = convert(tmp_path / "sdxl.safetensors", tmp_path / "native.safetensors")
+    report = convert(tmp_path / "sdxl.safetensors", tmp_path / "native.safetensors", check=True)
     assert "tiny SDXL-shaped" in report.family and report.layout_out == "native_mha"
+    assert report.ref_scale > 0 and report.max_diff <= 1e-5 * report.ref_scale  # --check: the UNet with its vector
     convert(tmp_path / "native.safetensors", tmp_path / "back.ckpt", to="original")
     again = torch.load(tmp_path / "back.ckpt", weights_only=True)
     again = again.get("state_dict", again)

@@ -200,13 +200,10 @@ class GeneralConditioner(nn.Module):
         self.cfg = cfg if cfg is not None else ConditionerConfig.from_params(params)
         self.embedders = nn.ModuleList(build_embedder(e) for e in self.cfg.embedders)
 
-    def _weight(self) -> torch.Tensor:
-        return next(p for p in self.parameters())
-
     def forward(self, batch: dict[str, Any], force_zero_embeddings: tuple[str, ...] | list[str] = ()) -> dict:
         """The conditioning of ``batch``; the outputs of embedders whose key is in ``force_zero_embeddings`` are
         zeros (sgm: the unconditional half of SDXL's guidance zeroes ``txt``)."""
-        w = self._weight()
+        w = next(self.parameters())  # the text towers' device and dtype
         out: dict[str, torch.Tensor] = {}
         for embedder in self.embedders:
             value = batch[embedder.input_key]

@@ -142,6 +142,15 @@ class SDXLConfig:
                              f"{c.vector_dim}-wide vector; the UNet takes context_dim {self.unet.context_dim} and "
                              f"adm_in_channels {self.unet.adm_in_channels}")
 
+    @property
+    def zeroes_empty_negative(self) -> bool:
+        """Whether an empty negative prompt means zeroed text embeddings: yes for the base, no for the refiner
+        (the model conditioned on the aesthetic score), whose empty prompt is encoded. generative-models samples the
+        base with ``force_uc_zero_embeddings=["txt"]`` and the refiner (``is_legacy: True`` in
+        ``scripts/demo/sampling.py``'s VERSION2SPECS and ``sgm/inference/api.py``) without. For the base, diffusers'
+        ``force_zeros_for_empty_prompt`` agrees."""
+        return "aesthetic_score" not in self.conditioner.input_keys
+
     @classmethod
     def from_params(cls, params: dict) -> "SDXLConfig":
         """Map generative-models' ``DiffusionEngine`` yaml params; unknown keys are errors."""
@@ -247,16 +256,16 @@ class DiffusionEngine(nn.Module):
     @torch.no_grad()
     def get_unconditional_conditioning(self, batch: dict[str, Any], negative_prompts: list[str],
                                        negative_aesthetic_score: float = 2.5) -> dict[str, torch.Tensor]:
-        """The unconditional half of guidance: the batch's sizes with the negative prompts and score.
+        """The unconditional half of guidance: the batch's sizes with the negative prompts and score (2.5, sgm's).
 
-        All-empty negative prompts give zeroed text embeddings (context and pooled), as the reference samples SDXL
-        (generative-models' ``scripts/demo/sampling.py`` and ``sgm/inference/api.py`` pass
-        ``force_uc_zero_embeddings=["txt"]`` for every non-legacy model) and as diffusers'
-        ``force_zeros_for_empty_prompt`` does; other negative prompts are encoded, as diffusers does.
+        For the base, all-empty negative prompts give zeroed text embeddings (context and pooled), as the reference
+        samples it (``SDXLConfig.zeroes_empty_negative``); other negative prompts are encoded, as diffusers does
+        (sgm's demo offers none for SDXL). The refiner always encodes them.
         """
         uc = {**batch, TEXT_KEY: list(negative_prompts),
               "aesthetic_score": torch.full((len(negative_prompts), 1), float(negative_aesthetic_score))}
-        zero = (TEXT_KEY,) if all(p == "" for p in negative_prompts) else ()
+        empty = all(p == "" for p in negative_prompts)
+        zero = (TEXT_KEY,) if empty and self.cfg.zeroes_empty_negative else ()
         return self.conditioner(uc, force_zero_embeddings=zero)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: dict, **caching):

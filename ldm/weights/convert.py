@@ -197,7 +197,8 @@ def unet_config(config: str):
 
 @torch.no_grad()
 def unet_output(sd: dict[str, torch.Tensor], unet_cfg, size: int = 8, seed: int = 0) -> torch.Tensor:
-    """UNet output in float32 on a seeded (1, C, size, size) latent, t=500 and a (1, 77, context) context."""
+    """UNet output in float32 on a seeded (1, C, size, size) latent, t=500, a (1, 77, context) context and, for
+    SDXL's UNet, a (1, adm_in_channels) vector."""
     from ldm.weights.loading import check_keys
     from ldm.model.unet import UNetModel
     unet_sd = {k[len(UNET_PREFIX):]: v.float() for k, v in sd.items() if k.startswith(UNET_PREFIX)}
@@ -210,7 +211,8 @@ def unet_output(sd: dict[str, torch.Tensor], unet_cfg, size: int = 8, seed: int 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, unet_cfg.in_channels, size, size, generator=g)
     context = torch.randn(1, 77, unet_cfg.context_dim, generator=g)
-    return unet(x, torch.tensor([500]), context)
+    y = torch.randn(1, unet_cfg.adm_in_channels, generator=g) if unet_cfg.num_classes else None
+    return unet(x, torch.tensor([500]), context, y=y)
 
 
 def compare_unets(source: str, written: str, unet_cfg, ema: bool = False) -> tuple[float, float]:
