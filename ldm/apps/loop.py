@@ -63,7 +63,7 @@ def refuse_nonfinite_input(opt: argparse.Namespace, latent, what: str) -> None:
 def _passes(opt, batches, gen, noise, generate, caption, dtype, device, watch) -> dict:
     job = distributed.current()
     per_item = job.launched or getattr(opt, "seed_per_item", False)
-    # rank 0 compiles first; the others then find its graphs in the inductor FX graph cache
+    # each node's first rank compiles first; the others then find its graphs in the inductor FX graph cache
     staged = job.world_size > 1 and (getattr(opt, "compile", False) or getattr(opt, "compile_vae", False))
     sample_dir = os.path.join(opt.outdir, "samples")
     os.makedirs(sample_dir, exist_ok=True)
@@ -87,7 +87,7 @@ def _passes(opt, batches, gen, noise, generate, caption, dtype, device, watch) -
             timed(batches[0], noise(len(batches[0])))
             refuse_nonfinite(opt, watch, batches[0])
             gen.set_state(state)
-        _main_first(job, staged, warm_up)
+        _node_first(job, staged, warm_up)
     fixed = noise(opt.n_samples) if opt.fixed_code and not per_item else None
     mine, samples, grid_path, total, seconds, shift = {}, [], None, 0, 0.0, 0
     index = job.share(images.next_index(sample_dir) if job.main else None)
@@ -119,7 +119,7 @@ def _passes(opt, batches, gen, noise, generate, caption, dtype, device, watch) -
         for r in range(-(-len(work) // job.world_size)):
             k, done, error = r * job.world_size + job.rank, (0.0, 0), None
             try:
-                done = _main_first(job, staged and r == 0 and not opt.skip_first, lambda: one_batch(k))
+                done = _node_first(job, staged and r == 0 and not opt.skip_first, lambda: one_batch(k))
             except distributed.RankFailed:
                 raise
             except Exception as e:
@@ -148,11 +148,12 @@ def _passes(opt, batches, gen, noise, generate, caption, dtype, device, watch) -
     return summary
 
 
-def _main_first(job: distributed.Job, staged: bool, fn: Callable[[], Any]) -> Any:
-    """``fn()`` on every rank; when ``staged``, on rank 0 first and on the others once it is done (or failed)."""
+def _node_first(job: distributed.Job, staged: bool, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank; when ``staged``, first on each node's local rank 0 (rank 0 on one node), then on
+    the others once those are done or failed: they find the compiled graphs in their node's inductor cache."""
     if not staged:
         return fn()
-    if job.main:
+    if job.local_rank == 0:
         try:
             result = fn()
         except Exception as e:
