@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -457,3 +456,22 @@ def test_img2img_takes_the_flags(tmp_path):
     assert r.returncode == 0, r.stderr
     (png,) = sorted((tmp_path / "out" / "samples").glob("*.png"))
     assert f"T-GATE: {default_gate(5)}" in Image.open(png).info["parameters"]  # 40 % of the 5 steps run
+
+
+def test_benchmark_table_ours_and_the_packages(tmp_path):
+    """ldm-benchmark --fewer_flops on the tiny model: every row, ours and diffusers with the reference packages,
+    and the same deviation from the plain image on both sides (the same algorithm)."""
+    pytest.importorskip("DeepCache")
+    pytest.importorskip("tgate")
+    from ldm.benchmark.harness import main
+    out = tmp_path / "ff"
+    assert main(["--fewer_flops", "--random", "tiny", "--cache_dir", str(tmp_path), "--H", "64", "--W", "64",
+                 "--steps", "5", "--out", str(out)]) == 0
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "ff.md").read_text().splitlines()
+            if line.startswith("| ") and ("plain" in line or "DeepCache" in line or "T-GATE" in line
+                                          or "cfg_end" in line) and "x |" in line]
+    assert [r[0].strip() for r in rows] == ["plain", "DeepCache 3,0", "T-GATE 2", "cfg_end 0.5",
+                                            "DeepCache 3,0 + T-GATE 2"]
+    for r in rows:
+        assert r[-2].strip() == r[-1].strip()  # deviation ours == deviation diffusers (3 decimals)
+    assert rows[0][2].strip() == "0%" and all(0 < int(r[2].strip(" %")) < 100 for r in rows[1:])

@@ -28,6 +28,18 @@ def add_caching_args(p: argparse.ArgumentParser) -> None:
                         "2023), then the conditional half alone; guidance stops at the earlier of this and --tgate")
 
 
+def caching_flags(opt: argparse.Namespace) -> list[str]:
+    """The flags as given, for a child process (the benchmark's runs, ours and the peer's)."""
+    flags = []
+    if opt.deepcache is not None:
+        flags += ["--deepcache", str(opt.deepcache)]
+    if opt.tgate is not None:
+        flags += ["--tgate"] + ([] if opt.tgate == "paper" else [str(opt.tgate)])
+    if opt.cfg_end is not None:
+        flags += ["--cfg_end", repr(opt.cfg_end)]
+    return flags
+
+
 def _int(flag: str, text: str) -> int:
     try:
         return int(text)

@@ -23,6 +23,9 @@ iterations' sampling and decoding, after one untimed warm-up iteration (where co
   P  the peer: diffusers' StableDiffusionPipeline (SDPA) built from the same weights (ldm.benchmark.peer)
   PC P with diffusers' UNet compiled
   and ``--extra NAME:FLAGS`` configurations of your own (txt2img flags).
+``--deepcache``/``--tgate``/``--cfg_end`` (ldm.samplers.caching) apply to every run: ours through txt2img's flags,
+the peer's through the reference packages (ldm.benchmark.peer_caching). ``--fewer_flops`` writes instead the
+methods' table, ours and diffusers with the packages in one process (ldm.benchmark.fewer_flops).
 ``--ladder`` runs instead the technique ladder (ldm.benchmark.ladder): S0 S1 ... ours and H0 H1 ... the
 peer, each step adding one speed feature (bf16, SDPA, fused projections, channels_last, compile,
 max-autotune, int8), in the Hugging Face post's table style.
@@ -37,15 +40,15 @@ import argparse
 import importlib.util
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 
-from ldm.benchmark.runs import (Config, child_env, code_version, compile_notes, peer_check, run_once, txt2img_child,
-                                unet_once)
+from ldm.apps.fewer_flops import add_caching_args, caching_flags
+from ldm.benchmark.runs import (Config, cache_dir, code_version, compile_notes, peer_check, prepare_model, run_once,
+                                txt2img_child, unet_once)
 from ldm.fileio import write_text
-from ldm.model.presets import PRESETS, config_file
+from ldm.model.presets import PRESETS
 
 
 CONFIGS = {c.key: c for c in [
@@ -102,6 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--threads", type=int, default=None,
                    help="CPU threads of every run (OMP_NUM_THREADS; default: torch's choice)")
     r.add_argument("--run_timeout", type=float, default=None, help="seconds before a run is stopped")
+    add_caching_args(r)  # every run, ours and the peer's (through the reference packages); not the UNet microbenchmark
     u = p.add_argument_group("UNet microbenchmark and memory")
     u.add_argument("--unet_iters", type=int, default=10, help="timed UNet calls per configuration (0: skip)")
     u.add_argument("--memory_budget_gb", type=float, default=None, help="default: the device's memory")
@@ -149,7 +153,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_flags(p: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
     """Numbers and paths the runs would fail on, as argparse's one-line usage error before any work."""
-    from ldm.apps.cli import number_problem
+    from ldm.apps.cli import UserError, number_problem
+    from ldm.apps.fewer_flops import check_caching
     from ldm.apps.images import unwritable_folder
     try:
         batches = [int(b) for b in opt.batch.split(",")]
@@ -159,6 +164,10 @@ def check_flags(p: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
         p.error(f"--batch sizes must be 1 or more: got {opt.batch!r}")
     if problem := number_problem(opt):
         p.error(problem)
+    try:
+        check_caching(opt)
+    except UserError as e:
+        p.error(str(e))
     for name, low in (("steps", 1), ("n_iter", 1), ("unet_iters", 0), ("fit_step", 8), ("threads", 1),
                       ("check_steps", 1), ("ladder_steps", 1), ("unet_profile", 0)):
         value = getattr(opt, name)
@@ -224,56 +233,19 @@ def select_configs(opt: argparse.Namespace) -> tuple[list[Config], list[str]]:
     return chosen, notes
 
 
-def cache_dir(opt: argparse.Namespace) -> str:
-    """Where random checkpoints and diffusers exports are kept between invocations."""
-    base = opt.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                                         "ldm-fast", "benchmark")
-    os.makedirs(base, exist_ok=True)
-    return base
-
-
-def resolve_config(ckpt: str, config: str | None) -> str:
-    """``config``, or the repo yaml that fits the checkpoint's keys and shapes (the guess is printed on stderr)."""
-    from ldm.weights.detect import config_for
-    from ldm.weights.reading import CheckpointError
-    if ckpt and not os.path.isfile(ckpt):
-        raise SystemExit(f"error: checkpoint not found: {ckpt}")
-    try:
-        path, message = config_for(ckpt, config)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
-    except CheckpointError as e:
-        raise SystemExit(f"error: {ckpt}: {e}") from None
-    if message:
-        print(message, file=sys.stderr)
-    return path
-
-
 def is_inpainting(config: str) -> bool:
     """True when the config's model is an inpainting one (hybrid conditioning: a 9-channel UNet input)."""
     from ldm.model.presets import load_config
     return load_config(config).conditioning_key == "hybrid"
 
 
-def prepare_model(opt: argparse.Namespace) -> tuple[str, str, str]:
-    """(config, ckpt, model name); a random checkpoint is made once and cached; a missing config is guessed."""
-    if not opt.random:
-        return resolve_config(opt.ckpt, opt.config), opt.ckpt, os.path.splitext(os.path.basename(opt.ckpt))[0]
-    preset = PRESETS[opt.random]
-    config = config_file(preset.native_yaml() or preset.yaml)  # the checkpoint is written in the native layout
-    ckpt = os.path.join(cache_dir(opt), f"random-{opt.random}-seed0-native_mha.ckpt")
-    if not os.path.isfile(ckpt):
-        print(f"making a random {opt.random} checkpoint: {ckpt}", file=sys.stderr)
-        cmd = [sys.executable, "-m", "ldm.apps.random_checkpoint", ckpt, "--config", config, "--layout", "native_mha",
-               "--quiet"]
-        subprocess.run(cmd, check=True, env=child_env(opt))
-    return config, ckpt, f"random-{opt.random}"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_txt2img"]:
         return txt2img_child(argv[1:])
+    if "--fewer_flops" in argv:  # the DeepCache / T-GATE / cfg_end table (ldm.benchmark.fewer_flops)
+        from ldm.benchmark.fewer_flops import main as fewer_flops_main
+        return fewer_flops_main([a for a in argv if a != "--fewer_flops"])
     if "--window" in argv:  # the GPU proof in one short window (ldm.benchmark.window)
         from ldm.benchmark.window import main as window_main
         return window_main([a for a in argv if a != "--window"])
@@ -284,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = opt.dtype or ("fp16" if device.type == "cuda" else "fp32")
     batches = [int(b) for b in opt.batch.split(",")]
     configs, notes = select_configs(opt)
+    if methods := caching_flags(opt):
+        notes.append(f"every run with {' '.join(methods)} (ours; the peer through the deepcache/tgate packages and "
+                     f"diffusers' SDCFGCutoffCallback)")
     if opt.ladder:
         opt.fit = "none"
     config, ckpt, model_name = prepare_model(opt)

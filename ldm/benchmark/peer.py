@@ -27,8 +27,10 @@ import time
 
 import torch
 
+from ldm.apps.fewer_flops import add_caching_args, caching_from
 from ldm.benchmark.export import export, load_tokenizer
 from ldm.benchmark.measure import environment, peak_memory, write_json
+from ldm.benchmark.peer_caching import reference_call
 from ldm.fileio import write_text
 from ldm.model.config import DTYPES
 from ldm.speed.runtime import COMPILE_MODES, synchronize
@@ -148,9 +150,10 @@ def optimize_peer(pipe, opt: argparse.Namespace, device: torch.device) -> None:
 
 
 def generate(pipe, prompts: list[str], negative: str, steps: int, scale: float, x_T: torch.Tensor,
-             output_type: str = "pt") -> torch.Tensor:
-    """One pipeline call from the start noise ``x_T``: latents ("latent") or images in [0, 1] ("pt")."""
-    return pipe(prompt=prompts, negative_prompt=[negative] * len(prompts), num_inference_steps=steps,
+             output_type: str = "pt", call=None) -> torch.Tensor:
+    """One pipeline call from the start noise ``x_T``: latents ("latent") or images in [0, 1] ("pt"); ``call``:
+    the pipeline through the reference packages (``ldm.benchmark.peer_caching.reference_call``)."""
+    return (call or pipe)(prompt=prompts, negative_prompt=[negative] * len(prompts), num_inference_steps=steps,
                 guidance_scale=scale, height=x_T.shape[-2] * pipe.vae_scale_factor,
                 width=x_T.shape[-1] * pipe.vae_scale_factor, latents=x_T, output_type=output_type).images
 
@@ -162,13 +165,14 @@ def run(opt: argparse.Namespace) -> dict:
     dtype = DTYPES[opt.dtype]
     pipe = build_pipeline(opt.weights, device, dtype)
     optimize_peer(pipe, opt, device)
+    call = reference_call(pipe, caching_from(opt, opt.steps), opt.steps)
     shape = [4, opt.H // 8, opt.W // 8]
     gen = torch.Generator(device).manual_seed(opt.seed)
     prompts = opt.n_samples * [opt.prompt]
 
     def once() -> torch.Tensor:
         x_T = torch.randn([opt.n_samples, *shape], generator=gen, device=device).to(dtype)
-        images = generate(pipe, prompts, "", opt.steps, opt.scale, x_T)
+        images = generate(pipe, prompts, "", opt.steps, opt.scale, x_T, call=call)
         return (255.0 * images.float()).to(torch.uint8).permute(0, 2, 3, 1).cpu()  # as ldm.apps.images.to_uint8
 
     timed = 0.0
@@ -245,6 +249,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--channels_last", action="store_true", help="UNet and VAE in channels_last")
     r.add_argument("--int8", action="store_true", help="dynamic int8 quantization of the UNet's linears (torchao)")
     r.add_argument("--skip_first", action="store_true")
+    add_caching_args(r)  # DeepCache, T-GATE, --cfg_end through the reference packages (ldm.benchmark.peer_caching)
     r.add_argument("--time_file", default=None)
     r.add_argument("--stats", default=None, help="write seconds, peak memory and the environment here (json)")
     c = sub.add_parser("check", help="compare the peer's latents and images with ours from the same noise")

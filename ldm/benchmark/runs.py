@@ -15,6 +15,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from ldm.apps.fewer_flops import caching_flags
+from ldm.model.presets import PRESETS, config_file
+
 # The folder holding the ldm package this process imported (a checkout, or site-packages when installed):
 # every run imports the same code.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,6 +102,7 @@ def run_commands(cfg: Config, opt: argparse.Namespace, config: str, ckpt: str, w
     common = ["--prompt", opt.prompt, "--seed", str(opt.seed), "--n_iter", str(opt.n_iter), "--n_samples",
               str(batch), "--steps", str(opt.steps), "--H", str(opt.H), "--W", str(opt.W), "--skip_first",
               "--time_file", time_file, "--dtype", dtype] + (["--device", opt.device] if opt.device else [])
+    common += caching_flags(opt)  # --deepcache/--tgate/--cfg_end: ours, and the peer through the reference packages
     if cfg.peer:
         cmd = [sys.executable, "-m", "ldm.benchmark.peer", "run", "--weights", weights, "--stats", stats,
                *common, *cfg.flags]
@@ -217,3 +221,43 @@ def peer_check(opt: argparse.Namespace, config: str, ckpt: str, weights: str, sc
     print(f"peer check: {err}", file=sys.stderr)
     return (f"peer check (fp32 CPU, {opt.check_size}x{opt.check_size}, {opt.check_steps} PLMS steps, same x_T): "
             "max|ours - diffusers| / max|diffusers| = " + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
+
+
+def cache_dir(opt: argparse.Namespace) -> str:
+    """Where random checkpoints and diffusers exports are kept between invocations."""
+    base = opt.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                         "ldm-fast", "benchmark")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def resolve_config(ckpt: str, config: str | None) -> str:
+    """``config``, or the repo yaml that fits the checkpoint's keys and shapes (the guess is printed on stderr)."""
+    from ldm.weights.detect import config_for
+    from ldm.weights.reading import CheckpointError
+    if ckpt and not os.path.isfile(ckpt):
+        raise SystemExit(f"error: checkpoint not found: {ckpt}")
+    try:
+        path, message = config_for(ckpt, config)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    except CheckpointError as e:
+        raise SystemExit(f"error: {ckpt}: {e}") from None
+    if message:
+        print(message, file=sys.stderr)
+    return path
+
+
+def prepare_model(opt: argparse.Namespace) -> tuple[str, str, str]:
+    """(config, ckpt, model name); a random checkpoint is made once and cached; a missing config is guessed."""
+    if not opt.random:
+        return resolve_config(opt.ckpt, opt.config), opt.ckpt, os.path.splitext(os.path.basename(opt.ckpt))[0]
+    preset = PRESETS[opt.random]
+    config = config_file(preset.native_yaml() or preset.yaml)  # the checkpoint is written in the native layout
+    ckpt = os.path.join(cache_dir(opt), f"random-{opt.random}-seed0-native_mha.ckpt")
+    if not os.path.isfile(ckpt):
+        print(f"making a random {opt.random} checkpoint: {ckpt}", file=sys.stderr)
+        cmd = [sys.executable, "-m", "ldm.apps.random_checkpoint", ckpt, "--config", config, "--layout", "native_mha",
+               "--quiet"]
+        subprocess.run(cmd, check=True, env=child_env(opt))
+    return config, ckpt, f"random-{opt.random}"
