@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -117,12 +117,13 @@ def original_steps_schedule(alpha_bar: Sequence[float], eta: float = 0.0) -> DDI
     return ddim_schedule_at(alpha_bar, range(len(alpha_bar) - 1, -1, -1), eta, final_alpha_bar=1.0)
 
 
-def schedule_tail(sched: DDIMSchedule | DPMSchedule, steps: int) -> DDIMSchedule | DPMSchedule:
-    """The last ``steps`` steps of a schedule (img2img: start partway down, at step index S - steps)."""
-    total = len(sched.timesteps) if isinstance(sched, DDIMSchedule) else len(sched.model_time) - 1
+def schedule_tail(sched: Any, steps: int) -> Any:
+    """The last ``steps`` steps of a schedule (img2img: start partway down, at step index S - steps); a
+    ``DDIMSchedule``, ``DPMSchedule`` or ``ldm.samplers.sigmas.SigmaSchedule`` (its S timesteps, S + 1 sigmas)."""
+    total = len(sched.model_time) - 1 if isinstance(sched, DPMSchedule) else len(sched.timesteps)
     if not 0 <= steps <= total:
         raise ValueError(f"cannot run the last {steps} steps of a {total}-step schedule")
-    start = total - steps  # a DPM schedule keeps its S + 1 points: the start point and ``steps`` more
+    start = total - steps  # an S + 1 point table keeps the start point and ``steps`` more
     return replace(sched, **{f.name: getattr(sched, f.name)[start:] for f in fields(sched)})
 
 
