@@ -15,9 +15,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ldm.apps.sampler_choice import SAMPLERS, make_sampler, sampler_flag  # noqa: F401 (the scripts' import path)
 from ldm.fileio import DiskSpaceError
 
 DEMO_PRESET = "tiny"  # --demo: ldm.model.presets' tiny SD2-shaped model
+DEMO_MODELS = {"sd": None, "sdxl": "sdxl-tiny", "sdxl-refiner": "sdxl-refiner-tiny"}  # --demo NAME (sd: the script's)
 WEIGHTS_HELP = "see README.md, section 'Weights' (checkpoints/README.md lists the files and where to get them)"
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator().manual_seed accepts
 INTERRUPTED = 130  # the exit status of a process ended by Ctrl-C (128 + SIGINT)
@@ -54,7 +56,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable_math", action="store_true", help="SDPA: disable the math kernel")
     p.add_argument("--disable_mem_efficient", action="store_true", help="SDPA: disable memory-efficient kernels")
     p.add_argument("--disable_flash", action="store_true", help="SDPA: disable flash attention")
-    p.add_argument("--demo", action="store_true", help="tiny random model, no weights needed: the image is noise")
+    p.add_argument("--demo", nargs="?", const="sd", default=None, choices=list(DEMO_MODELS),
+                   help="tiny random model, no weights needed: the image is noise (--demo sdxl: a tiny SDXL)")
     p.add_argument("--debug", action="store_true", help="show tracebacks (and the first non-finite UNet call)")
     p.add_argument("--keep_nonfinite", action="store_true",
                    help="save images even when a stage went NaN/inf (default: refuse them, naming the stage)")
@@ -120,12 +123,22 @@ def check_model_args(opt: argparse.Namespace) -> None:
         raise UserError(f"--int8 does not run with --attention {opt.attention}; use sdpa or math")
 
 
+def add_sampler_arg(p: argparse.ArgumentParser) -> None:
+    """--sampler NAME beside the original --plms/--dpm."""
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                   help="the sampler (default: DDIM for SD 1/2, Euler for SDXL; --plms/--dpm are the same as "
+                        "--sampler plms/dpm; euler, euler_a, dpmpp_2m step sgm's discrete sigmas)")
+
+
 def check_sampler_args(opt: argparse.Namespace, counts: tuple[str, ...]) -> None:
     """One sampler flag at most, eta only with DDIM, and each flag named in ``counts`` at least 1."""
-    if opt.plms and opt.dpm:
-        raise UserError("--plms and --dpm are conflicting sampler flags; pick one (DDIM without either)")
-    if (opt.plms or opt.dpm) and opt.ddim_eta != 0:
-        raise UserError("--ddim_eta is a DDIM option; it must be 0 with --plms/--dpm")
+    chosen = [f"--{n}" for n in ("plms", "dpm") if getattr(opt, n)] + (
+        [f"--sampler {opt.sampler}"] if getattr(opt, "sampler", None) else [])
+    if len(chosen) > 1:
+        raise UserError(f"{' and '.join(chosen)} are conflicting sampler flags; pick one")
+    if (chosen and chosen != ["--sampler ddim"]) and opt.ddim_eta != 0:
+        raise UserError(f"--ddim_eta is a DDIM option; it must be 0 with "
+                        f"{'--plms/--dpm' if chosen[0] in ('--plms', '--dpm') else chosen[0]}")
     for name in counts:
         if getattr(opt, name) < 1:
             raise UserError(f"--{name} must be at least 1")
@@ -194,10 +207,11 @@ def build_model(opt: argparse.Namespace, rt: Runtime, demo_preset: str = DEMO_PR
         from ldm.weights.loading import model_class
         torch.manual_seed(opt.seed)
         device = torch.device("cpu") if getattr(opt, "offload", False) else rt.device
-        cfg = from_name(demo_preset)
+        preset = DEMO_MODELS.get(opt.demo) or demo_preset  # True or "sd": the script's own tiny model
+        cfg = from_name(preset)
         model = model_class(cfg)(cfg).to(device=device, dtype=rt.dtype)
         set_attention_backend(model, opt.attention)
-        return model, "demo-tiny-random"
+        return model, "demo-tiny-random" if preset == DEMO_PRESET else f"demo-{preset}-random"
     if not os.path.isfile(opt.ckpt):
         raise UserError(f"checkpoint not found: {opt.ckpt}; {WEIGHTS_HELP}")
     config = resolve_config(opt)
@@ -214,9 +228,12 @@ def native_size(model, demo: bool = False) -> int:
     """The image side the model was trained at: 768 for SD 2's v-prediction release (768-v), else 512 (64 for --demo).
 
     The yamls do not say it (``image_size`` is 64 latents in both SD 2 configs); eps vs v is the only difference.
+    SDXL (base and refiner): 1024.
     """
     if demo:
         return 64
+    if hasattr(model, "conditioner"):
+        return 1024
     return 768 if model.parameterization == "v" else 512
 
 
@@ -282,28 +299,14 @@ def optimize(opt: argparse.Namespace, model, rt: Runtime) -> list[str]:
     return done
 
 
-def sampler_flag(opt: argparse.Namespace) -> str:
-    """'plms', 'dpm' or 'ddim' from the --plms/--dpm flags."""
-    return "plms" if opt.plms else "dpm" if opt.dpm else "ddim"
-
-
-def guidance_conditioning(model, prompts: list[str], negative_prompt: str, scale: float):
-    """(c, uc): the text contexts of classifier-free guidance; uc is None at scale 1 (no unconditional pass)."""
+def guidance_conditioning(model, prompts: list[str], negative_prompt: str, scale: float, sizes=None):
+    """(c, uc): the conditionings of classifier-free guidance; uc is None at scale 1 (no unconditional pass).
+    SDXL: ``sizes`` is (opt, height, width) for its size conditioning (``ldm.apps.sdxl.size_batch``)."""
+    if hasattr(model, "conditioner"):
+        from ldm.apps.sdxl import sdxl_conditioning, size_batch
+        return sdxl_conditioning(model, size_batch(*sizes[:1], prompts, *sizes[1:]), negative_prompt, scale)
     uc = None if scale == 1.0 else model.get_learned_conditioning(len(prompts) * [negative_prompt])
     return model.get_learned_conditioning(prompts), uc
-
-
-def make_sampler(name: str, model, device, caching=None):
-    """(sampler with the original API, display name) for 'ddim', 'plms' or 'dpm' (``sampler_flag(opt)``);
-    ``caching``: the fewer-FLOPs methods (``ldm.apps.fewer_flops.caching_from``), None for none."""
-    if name == "plms":
-        from ldm.models.diffusion.plms import PLMSSampler
-        return PLMSSampler(model, device=device, caching=caching), "PLMS"
-    if name == "dpm":
-        from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-        return DPMSolverSampler(model, device=device, caching=caching), "DPM++ 2M"
-    from ldm.models.diffusion.ddim import DDIMSampler
-    return DDIMSampler(model, device=device, caching=caching), "DDIM"
 
 
 def print_summary(opt: argparse.Namespace, summary: dict) -> None:

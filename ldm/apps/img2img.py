@@ -15,11 +15,12 @@ import os
 import sys
 
 from ldm.apps import distributed
-from ldm.apps.cli import (UserError, add_model_args, add_speed_args, build_model, check_latent_flags, check_model_args,
+from ldm.apps.cli import (UserError, add_model_args, add_sampler_arg, add_speed_args, build_model, check_latent_flags, check_model_args,
                           check_numbers, check_sampler_args, guidance_conditioning, make_sampler, optimize,
                           read_prompts, run_script, sampler_flag, setup)
 from ldm.apps.fewer_flops import add_caching_args, caching_fields, caching_from, check_branch, check_caching
 from ldm.apps.loop import refuse_nonfinite_input, sample_and_save
+from ldm.apps.sdxl import SD_SCALE, SDXL_SCALE, add_sdxl_args, check_sdxl_args, check_sdxl_model, is_sdxl
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=int, default=50, help="number of sampling steps")
     p.add_argument("--plms", action="store_true", help="use PLMS sampling")
     p.add_argument("--dpm", action="store_true", help="use the DPM-Solver++ (2M) sampler")
+    add_sampler_arg(p)
     p.add_argument("--fixed_code", action="store_true", help="the same noise for every iteration")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--n_iter", type=int, default=1, help="sample this often")
@@ -38,13 +40,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--f", type=int, default=8, help="downsampling factor of the VAE (checked against the model)")
     p.add_argument("--n_samples", type=int, default=2, help="batch size: samples per prompt")
     p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
-    p.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale")
+    p.add_argument("--scale", type=float, default=None,
+                   help=f"classifier-free guidance scale (default {SD_SCALE}; SDXL: {SDXL_SCALE}, sgm's)")
     p.add_argument("--strength", type=float, default=0.8,
                    help="noising strength in [0, 1]: 1.0 all but destroys the init image")
     p.add_argument("--from-file", type=str, help="read prompts from this file, one per line")
     add_model_args(p)
     add_speed_args(p)
     add_caching_args(p)
+    add_sdxl_args(p, refiner=False)
     return p.parse_args(argv)
 
 
@@ -59,6 +63,7 @@ def check_args(opt: argparse.Namespace) -> None:
     if not os.path.isfile(opt.init_img):
         raise UserError(f"init image not found: {opt.init_img}")
     check_caching(opt)
+    check_sdxl_args(opt)
     check_model_args(opt)
 
 
@@ -76,13 +81,15 @@ def run(opt: argparse.Namespace) -> dict:
     print(f"loaded input image of size ({width}, {height}) from {opt.init_img}", file=sys.stderr)
 
     model, model_name = build_model(opt, rt)
-    if model.cfg.conditioning_key != "crossattn":
+    check_sdxl_model(opt, model, "any")  # the SDXL base or refiner
+    opt.scale = opt.scale if opt.scale is not None else SDXL_SCALE if is_sdxl(model) else SD_SCALE
+    if getattr(model.cfg, "conditioning_key", "crossattn") != "crossattn":
         raise UserError("img2img needs a text-to-image model; this is an inpainting model (use ldm-inpaint, scripts/inpaint.py)")
     check_latent_flags(model, opt.f, opt.C)
     t_enc = pipelines.strength_to_steps(opt.strength, opt.ddim_steps)
     caching = caching_from(opt, t_enc)  # T-GATE and --cfg_end count the steps img2img runs
     check_branch(caching, model)
-    sampler, sampler_name = make_sampler(sampler_flag(opt), model, device, caching)
+    sampler, sampler_name = make_sampler(sampler_flag(opt, model), model, device, caching)
     print("speed: " + ", ".join(optimize(opt, model, rt)), file=sys.stderr)
 
     gen = torch.Generator(device).manual_seed(opt.seed)
@@ -98,7 +105,7 @@ def run(opt: argparse.Namespace) -> dict:
 
         def generate(prompts: list[str], eps):
             n = len(prompts)
-            c, uc = guidance_conditioning(model, prompts, opt.negative_prompt, opt.scale)
+            c, uc = guidance_conditioning(model, prompts, opt.negative_prompt, opt.scale, (opt, height, width))
             samples = pipelines.img2img(sampler, init_latent[:n], c, uc, opt.scale, opt.ddim_steps, opt.strength,
                                         opt.ddim_eta, gen, noise=eps, verbose=distributed.current().step_bars)
             return images.to_uint8(model.decode_first_stage(samples))

@@ -79,7 +79,7 @@ def run(opt: argparse.Namespace) -> dict:
         raise UserError(f"this is not an inpainting model (its UNet takes no mask); use {CONFIG_HELP}")
     caching = caching_from(opt, opt.steps)
     check_branch(caching, model)
-    sampler, sampler_name = make_sampler(sampler_flag(opt), model, device, caching)
+    sampler, sampler_name = make_sampler(sampler_flag(opt, model), model, device, caching)
     print("speed: " + ", ".join(optimize(opt, model, rt)), file=sys.stderr)
 
     gen = torch.Generator(device).manual_seed(opt.seed)

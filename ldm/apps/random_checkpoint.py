@@ -4,6 +4,7 @@
     python scripts/make_random_checkpoint.py tiny.safetensors --config configs/tiny/v2-tiny.yaml --seed 1
     python scripts/make_random_checkpoint.py /tmp/sd2_native.ckpt --layout native_mha --dtype fp16
     python scripts/make_random_checkpoint.py /tmp/sd1_random.ckpt --model sd1                    # full SD1, 4.3 GB
+    python scripts/make_random_checkpoint.py /tmp/sd_xl_base_1.0.safetensors --model sdxl-base --dtype fp16  # 6.9 GB
 
 The model is built on the meta device (no memory), and each tensor is drawn from its own generator
 (seeded by --seed and the tensor's name). A .safetensors file in the original layout is streamed to
@@ -28,10 +29,11 @@ import torch
 from ldm.fileio import atomic_write, check_disk
 from ldm.model.clip import FrozenCLIPEmbedder
 from ldm.model.config import DTYPES
-from ldm.model.diffusion import LAYOUTS, model_class
+from ldm.model.diffusion import LAYOUTS
 from ldm.model.presets import PRESETS, config_file, load_config
 from ldm.weights.convert import UsageError, nbytes, output_format, target_dtype, write_safetensors
 from ldm.weights.layout import to_native, to_original
+from ldm.weights.loading import model_class
 from ldm.weights.reading import CLIP_POSITION_IDS, CheckpointError
 
 
@@ -48,13 +50,15 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 def make_random_checkpoint(out: str, config: Any = None, layout: str = "original", seed: int = 0,
                            dtype: str | None = None, progress: bool | None = None) -> None:
     """Write ``out`` (.ckpt/.pt/.pth/.safetensors) holding random weights for the model of ``config`` (a yaml
-    path or a DiffusionConfig; default: the full SD 2 preset)."""
+    path, a DiffusionConfig or an SDXLConfig; default: the full SD 2 preset). SDXL files have the released key set
+    (generative-models' ``DiffusionEngine``: ``model.diffusion_model.*``, ``conditioner.embedders.*``,
+    ``first_stage_model.*``, ``denoiser.sigmas``)."""
     fmt = output_format(out)
     cfg = load_config(config if config is not None else PRESETS["sd2"].config)
     with torch.device("meta"):
         model = model_class(cfg)(cfg)
     sd = to_original(model.state_dict())  # meta tensors, except the real schedule buffers
-    if isinstance(model.cond_stage_model, FrozenCLIPEmbedder):
+    if isinstance(getattr(model, "cond_stage_model", None), FrozenCLIPEmbedder):
         # (1, 77) int64, as the released SD 1.x files hold it
         sd[CLIP_POSITION_IDS] = torch.arange(model.cond_stage_model.cfg.context_length)[None]
     specs = {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()}
@@ -86,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output", help=".ckpt/.pt/.pth or .safetensors file to write")
     p.add_argument("--config", default=None, help="model yaml (default: the yaml of the --model preset)")
     p.add_argument("--model", choices=list(PRESETS), default="sd2",
-                   help="a preset of ldm.model.presets (default sd2: v2-inference.yaml; sd1: v1-inference.yaml); "
-                        "ignored with --config")
+                   help="a preset of ldm.model.presets (default sd2: v2-inference.yaml; sd1: v1-inference.yaml; "
+                        "sdxl-base/sdxl-refiner: generative-models' yamls, the released files' keys); ignored with "
+                        "--config")
     p.add_argument("--layout", choices=list(LAYOUTS), default="original")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float32")

@@ -32,6 +32,7 @@ from ldm.fileio import atomic_write, partial_file
 from ldm.model.config import DTYPES
 from ldm.model.presets import load_config
 from ldm.model.schedule import BUFFER_NAMES
+from ldm.model.sdxl import BUFFER_NAMES as SDXL_BUFFER_NAMES
 from ldm.weights.detect import config_note, guess_config
 from ldm.weights.families import describe, identify
 from ldm.weights.layout import canonical_text_keys, detect_layout, to_native, to_original
@@ -98,7 +99,7 @@ def target_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch
     """``dtype`` for floating weights; the noise-schedule buffers stay float32; other tensors as stored."""
     if dtype is None or not t.is_floating_point():
         return t.dtype
-    return torch.float32 if name in BUFFER_NAMES else dtype
+    return torch.float32 if name in BUFFER_NAMES or name in SDXL_BUFFER_NAMES else dtype
 
 
 def overflows(sd: dict[str, torch.Tensor], specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, int]:

@@ -128,6 +128,23 @@ class LoadReport:
     seconds: float = 0.0
 
 
+def check_family(cfg: diffusion.DiffusionConfig | sdxl.SDXLConfig, raw: Any) -> None:
+    """One line when the checkpoint is SD 1.x/2.x and the config SDXL's, the reverse, or SDXL base vs refiner (a
+    strict load would list thousands of keys). A checkpoint no family fits is left to the strict load."""
+    from ldm.weights.families import identify
+    try:
+        family, _ = identify(unwrap_state_dict(raw))
+    except CheckpointError:
+        return
+    kind = lambda xl, refiner: "an SDXL refiner" if refiner else "an SDXL base" if xl else "an SD 1.x/2.x"
+    ckpt = kind(family.vector is not None, "refiner" in family.name)
+    xl = isinstance(cfg, sdxl.SDXLConfig)
+    config = kind(xl, xl and "aesthetic_score" in cfg.conditioner.input_keys)
+    if ckpt != config:
+        raise CheckpointError(f"the checkpoint is {family.name} but the config is {config} model's; drop --config "
+                              f"to use the config detected from the checkpoint")
+
+
 def load_model(config: Any, ckpt: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, ema: bool = False, attention: str | None = None,
                progress: Callable[[str], None] | None = None):
@@ -143,6 +160,7 @@ def load_model(config: Any, ckpt: str | os.PathLike, device: str | torch.device 
     raw, _ = read_checkpoint(ckpt)
     step("read")
     layout = detect_layout(raw)
+    check_family(cfg, raw)
     _, dropped = split_extras(raw)
     with torch.device("meta"):
         model = model_class(cfg)(cfg)
