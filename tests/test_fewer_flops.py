@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, TINY, build
+from conftest import ROOT, TINY, TINY_V, build
 from helpers import rel_err
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
@@ -36,16 +37,20 @@ SAMPLERS = (DDIMSampler, PLMSSampler, DPMSolverSampler)
 SCALE = 7.0
 
 
-def sample(model, cls, caching, S=6, prompts=("a photo of a cat",), x_T=None, scale=SCALE):
-    """(latents, the sampler) of one guided run from fixed noise."""
+def sample(model, cls, caching, S=6, prompts=("a photo of a cat",), x_T=None, scale=SCALE, c_concat=None, **kw):
+    """(latents, the sampler) of one run from fixed noise; guided unless ``scale`` is 1 (no unconditional pass);
+    ``c_concat``: an inpainting model's mask and masked-image latent (the original's dict conditioning)."""
     c = model.get_learned_conditioning(list(prompts))
-    uc = model.get_learned_conditioning([""] * len(prompts))
+    uc = None if scale == 1.0 else model.get_learned_conditioning([""] * len(prompts))
+    if c_concat is not None:
+        c = {"c_concat": [c_concat], "c_crossattn": [c]}
+        uc = None if uc is None else {"c_concat": [c_concat], "c_crossattn": [uc]}
     if x_T is None:
         x_T = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sampler = cls(model, caching=caching)
     with torch.no_grad():
         z, _ = sampler.sample(S=S, conditioning=c, batch_size=len(prompts), shape=list(x_T.shape[1:]), verbose=False,
-                              unconditional_guidance_scale=scale, unconditional_conditioning=uc, x_T=x_T.clone())
+                              unconditional_guidance_scale=scale, unconditional_conditioning=uc, x_T=x_T.clone(), **kw)
     return z, sampler
 
 
@@ -65,6 +70,16 @@ def test_plan_of_the_defaults_for_plms_50_steps():
     full = [k for k, c in enumerate(calls) if c.full]
     assert full == [0, 3, 6, 9, 12, 15, 18, 20] + list(range(21, 51, 3))
     assert len(graph_kinds(calls, deepcache=True)) == 5
+
+
+def test_plan_call_counts_in_closed_form():
+    plms50 = [0] + list(range(50))
+    assert sum(c.full for c in Caching(deepcache=3).plan(plms50, guided=True)) == math.ceil(51 / 3)
+    assert sum(c.full for c in Caching(deepcache=5, branch=2).plan(list(range(50)), guided=True)) == 10
+    calls = Caching(tgate=20).plan(plms50, guided=True)
+    assert sum(c.guided for c in calls) == 21 and sum(c.reuse for c in calls) == 30 and sum(c.record for c in calls) == 1
+    calls = Caching(cfg_end=0.5).plan(list(range(50)), guided=True)
+    assert sum(c.guided for c in calls) == 25 and all(c.full and not c.reuse and not c.record for c in calls)
 
 
 def test_plan_guidance_stops_at_the_earlier_of_gate_and_cfg_end():
@@ -104,6 +119,58 @@ def test_noop_settings_run_the_caching_path_and_give_the_uncached_result(tiny_mo
         assert counts["guided"] == n_calls and counts["shallow"] == 0 and counts["reuse"] == 0
         assert all(counts[k] == v for k, v in expect.items()), (caching, counts)
         assert torch.equal(z, ref), caching
+
+
+@pytest.mark.parametrize("case", ["v-prediction", "inpainting", "ddim eta", "no guidance"])
+def test_noop_settings_in_other_runs(tiny_model, case):
+    """The same exactness for a v model, an inpainting model (dict conditioning), DDIM with eta > 0 (its noise from
+    the generator) and a run without an unconditional pass (scale 1)."""
+    kw, cls = {}, DDIMSampler
+    model = tiny_model
+    if case == "v-prediction":
+        model, cls = build(TINY_V), PLMSSampler
+    elif case == "inpainting":
+        model = build(os.path.join(ROOT, "configs", "tiny", "v2-tiny-inpainting.yaml"))
+        kw["c_concat"] = torch.randn(1, 5, 8, 8, generator=torch.Generator().manual_seed(4))
+    elif case == "ddim eta":
+        kw["eta"] = 0.5
+    else:
+        kw["scale"] = 1.0
+    runs = {}
+    for name, caching in (("plain", None), ("noop", Caching(deepcache=1, tgate=5, cfg_end=1.0)),
+                          ("methods", Caching(deepcache=2, tgate=3))):
+        if "eta" in kw:
+            kw["generator"] = torch.Generator().manual_seed(9)
+        runs[name], sampler = sample(model, cls, caching, S=5, **kw)
+        if caching is not None:
+            assert sampler.last_denoiser.counts["record"] == 1, case
+    assert torch.equal(runs["noop"], runs["plain"]), case
+    assert torch.isfinite(runs["methods"]).all() and rel_err(runs["methods"], runs["plain"]) > 1e-4, case
+
+
+@pytest.mark.parametrize("caching", [Caching(deepcache=3), Caching(tgate=3), Caching(cfg_end=0.5),
+                                     Caching(deepcache=2, branch=1, tgate=4)], ids=["deepcache", "tgate", "cfg_end",
+                                                                                    "deepcache+tgate"])
+def test_a_batch_is_its_images_run_one_by_one(tiny_model, caching):
+    """Each image of a batch gets its own prediction in every kind of call (cached features are per image)."""
+    prompts = ("a photo of a cat", "an oil painting of a harbour")
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    batch, _ = sample(tiny_model, PLMSSampler, caching, S=6, prompts=prompts, x_T=x_T)
+    for i, prompt in enumerate(prompts):
+        alone, _ = sample(tiny_model, PLMSSampler, caching, S=6, prompts=(prompt,), x_T=x_T[i:i + 1])
+        assert rel_err(batch[i:i + 1], alone) < 1e-5, (caching, i)
+    assert rel_err(batch[0], batch[1]) > 1e-2
+
+
+def test_unet_refuses_a_deep_feature_without_its_branch(tiny_model):
+    unet = tiny_model.model.diffusion_model
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.full((1,), 10.0), torch.randn(1, 77, 64)
+    with torch.no_grad():
+        _, deep, _ = unet(x, t, ctx, branch=1)
+        with pytest.raises(ValueError, match="needs its branch"):
+            unet(x, t, ctx, deep=deep)
+        with pytest.raises(ValueError, match="must be a full one"):
+            unet(x, t, ctx, branch=1, deep=deep, record=True)
 
 
 def test_noop_settings_in_img2img_decode(tiny_model):
@@ -425,12 +492,12 @@ def test_txt2img_flags_write_images_with_their_parameters(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--deepcache", "0"], "interval must be >= 1"),
+    (["--deepcache", "0"], "--deepcache takes an interval N of at least 1, got 0"),
     (["--deepcache", "3,x"], "--deepcache takes whole numbers"),
     (["--deepcache", "3,1,2"], "--deepcache takes N or N,BRANCH"),
-    (["--deepcache", "3,9"], "--deepcache branch 9 does not exist"),
-    (["--tgate", "0"], "T-GATE step must be >= 1"),
-    (["--cfg_end", "1.5"], "cfg_end must be in (0, 1]"),
+    (["--deepcache", "3,9"], "--deepcache: DeepCache branch 9 does not exist"),
+    (["--tgate", "0"], "--tgate takes a STEP of at least 1, got 0"),
+    (["--cfg_end", "1.5"], "--cfg_end takes a FRACTION in (0, 1], got 1.5"),
 ])
 def test_bad_flags_one_line_and_nothing_written(tmp_path, flags, message):
     out = tmp_path / "out"
@@ -444,7 +511,7 @@ def test_bad_flags_one_line_and_nothing_written(tmp_path, flags, message):
 def test_help_states_the_published_defaults():
     r = script("txt2img", "--help")
     text = " ".join(r.stdout.split())
-    assert "3,0, the deepcache package's defaults" in text and "40% of the steps (10 of 25)" in text
+    assert "3,0, the deepcache package's documented setting" in text and "40% of the steps (10 of 25)" in text
 
 
 def test_img2img_takes_the_flags(tmp_path):

@@ -7,8 +7,12 @@ the uncached ones. The same flags serve txt2img, img2img, inpaint and the benchm
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any
 
 from ldm.apps.cli import UserError
+
+if TYPE_CHECKING:
+    from ldm.samplers.caching import Caching
 
 
 def add_caching_args(p: argparse.ArgumentParser) -> None:
@@ -18,7 +22,7 @@ def add_caching_args(p: argparse.ArgumentParser) -> None:
                    metavar="N[,BRANCH]",
                    help="DeepCache (Ma et al. 2023): the full UNet every N-th call, in between only skip branch "
                         f"BRANCH (0 = shallowest) over cached deep features; the flag alone: "
-                        f"{DEEPCACHE_INTERVAL},{DEEPCACHE_BRANCH}, the deepcache package's defaults")
+                        f"{DEEPCACHE_INTERVAL},{DEEPCACHE_BRANCH}, the deepcache package's documented setting")
     p.add_argument("--tgate", nargs="?", const="paper", default=None, metavar="STEP",
                    help="T-GATE (Zhang et al. 2024): cache each cross-attention output at the step before STEP and "
                         "reuse it from STEP on, without classifier-free guidance there; the flag alone: the paper's "
@@ -47,7 +51,7 @@ def _int(flag: str, text: str) -> int:
         raise UserError(f"--{flag} takes whole numbers, got {text!r}") from None
 
 
-def caching_from(opt: argparse.Namespace, steps: int):
+def caching_from(opt: argparse.Namespace, steps: int) -> "Caching | None":
     """The ``Caching`` the flags ask for over a run of ``steps`` sampler steps, or None when no flag is given."""
     from ldm.samplers.caching import DEEPCACHE_BRANCH, Caching, default_gate
     if opt.deepcache is None and opt.tgate is None and opt.cfg_end is None:
@@ -62,10 +66,14 @@ def caching_from(opt: argparse.Namespace, steps: int):
     gate = None
     if opt.tgate is not None:
         gate = default_gate(steps) if opt.tgate == "paper" else _int("tgate", opt.tgate)
-    try:
-        return Caching(interval, branch, gate, 1.0 if opt.cfg_end is None else opt.cfg_end)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    cfg_end = 1.0 if opt.cfg_end is None else opt.cfg_end
+    for flag, bad, need in (("--deepcache", interval is not None and interval < 1, "an interval N of at least 1"),
+                            ("--deepcache", branch < 0, "a BRANCH of 0 or more"),
+                            ("--tgate", gate is not None and gate < 1, "a STEP of at least 1"),
+                            ("--cfg_end", not 0.0 < cfg_end <= 1.0, "a FRACTION in (0, 1]")):
+        if bad:
+            raise UserError(f"{flag} takes {need}, got {getattr(opt, flag[2:])}")
+    return Caching(interval, branch, gate, cfg_end)
 
 
 def check_caching(opt: argparse.Namespace) -> None:
@@ -73,16 +81,17 @@ def check_caching(opt: argparse.Namespace) -> None:
     caching_from(opt, 50)
 
 
-def check_branch(caching, model) -> None:
-    """A DeepCache branch this UNet has (its input blocks number the branches)."""
-    if caching is None or caching.deepcache is None:
-        return
-    blocks = len(model.model.diffusion_model.input_blocks)
-    if caching.branch >= blocks:
-        raise UserError(f"--deepcache branch {caching.branch} does not exist: this UNet has branches 0 ... {blocks - 1}")
+def check_branch(caching: "Caching | None", model: Any) -> None:
+    """A DeepCache branch this UNet has, as a one-line error before sampling."""
+    from ldm.samplers.caching import check_branch as check
+    if caching is not None and caching.deepcache is not None:
+        try:
+            check(model.model.diffusion_model, caching.branch)
+        except ValueError as e:
+            raise UserError(f"--deepcache: {e}") from None
 
 
-def caching_fields(caching) -> dict[str, str]:
+def caching_fields(caching: "Caching | None") -> dict[str, str]:
     """The PNG parameters' entries for ``caching`` (none when off)."""
     if caching is None:
         return {}

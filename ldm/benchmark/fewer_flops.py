@@ -8,13 +8,13 @@ neither), the UNet calls it makes (full / shallow / unguided), the share of UNet
 of each kind of call counted by torch's FlopCounterMode over math attention at this size, times the calls),
 the speed-up over the plain run and over plain diffusers, and the deviation from the plain run's image
 (max |difference| / max |plain| of the decoded images: with random weights only a sanity figure, quality needs
-real weights). One model is in memory at a time: ours first, then diffusers'.
+real weights). Both models are in memory, and each method runs on ours, then on diffusers, so that the machine's
+load at that moment touches both alike.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -47,7 +47,8 @@ def unet_flops(model, x: torch.Tensor, context: torch.Tensor, branch: int) -> di
     from torch.utils.flop_counter import FlopCounterMode
     from ldm.model.attention import set_attention_backend
     unet = model.model.diffusion_model
-    t = torch.full((1,), 500.0)
+    t = torch.full((1,), 500.0, device=x.device)
+    backends = {m: m.backend for m in unet.modules() if hasattr(m, "backend")}
     set_attention_backend(unet, "math")  # matmuls FlopCounterMode counts; CPU SDPA has no FLOP formula
     out = {}
     try:
@@ -60,75 +61,102 @@ def unet_flops(model, x: torch.Tensor, context: torch.Tensor, branch: int) -> di
                         unet(x, t, context, **extras)
                     out[(full, reuse)] = counter.get_total_flops()
     finally:
-        set_attention_backend(unet, "sdpa")
+        for m, backend in backends.items():
+            m.backend = backend
     return out
 
 
-def run_ours(config: str, ckpt: str, opt: argparse.Namespace, x_T: torch.Tensor) -> dict[str, dict]:
-    """Each method's seconds, calls, FLOPs share and decoded image, ours."""
+def ours_runs(model, x_T: torch.Tensor, opt, device: torch.device):
+    """For each method in turn: (name, its row) with our ``model`` (already on ``device``): seconds, calls, FLOPs,
+    decoded image. A generator, so that the peer's run of the same method can come right after."""
     from ldm.models.diffusion.plms import PLMSSampler
-    from ldm.weights.loading import load_model
-    model, _ = load_model(config, ckpt, device="cpu", dtype=torch.float32)
-    rows = {}
+    from ldm.speed.runtime import synchronize
     with torch.no_grad():
         c, uc = model.get_learned_conditioning([opt.prompt]), model.get_learned_conditioning([""])
         flops = unet_flops(model, x_T, c, branch=0)
-        PLMSSampler(model).sample(S=2, conditioning=c, batch_size=1, shape=list(x_T.shape[1:]), verbose=False,
+        shape = list(x_T.shape[1:])
+
+        def run(sampler, steps):
+            return sampler.sample(S=steps, conditioning=c, batch_size=1, shape=shape, verbose=False,
                                   unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
-                                  x_T=x_T.clone())  # warm-up
+                                  x_T=x_T.clone())[0]
+
+        run(PLMSSampler(model), 2)  # warm-up
         for name, caching in methods(opt.steps):
             sampler = PLMSSampler(model, caching=caching)
             seconds = float("inf")
             for _ in range(opt.repeats):  # the best of the repeats: the least disturbed by other work
+                synchronize(device)
                 t0 = time.perf_counter()
-                z, _ = sampler.sample(S=opt.steps, conditioning=c, batch_size=1, shape=list(x_T.shape[1:]),
-                                      verbose=False, unconditional_guidance_scale=opt.scale,
-                                      unconditional_conditioning=uc, x_T=x_T.clone())
+                z = run(sampler, opt.steps)
+                synchronize(device)
                 seconds = min(seconds, time.perf_counter() - t0)
             plan = (caching or Caching()).plan(sampler.call_steps(), guided=True)  # without DeepCache: all full
             cost = sum((2 if k.guided else 1) * flops[(k.full, k.reuse)] for k in plan)
-            rows[name] = {"seconds": seconds, "image": model.decode_first_stage(z).float(), "flops": cost,
-                          "full": sum(k.full for k in plan), "calls": len(plan),
-                          "unguided": sum(not k.guided for k in plan)}
             print(f"ours {name}: {seconds:.2f} s", file=sys.stderr)
-    del model
-    gc.collect()
-    return rows
+            yield name, {"seconds": seconds, "image": model.decode_first_stage(z).float().cpu(), "flops": cost,
+                         "full": sum(k.full for k in plan), "calls": len(plan),
+                         "unguided": sum(not k.guided for k in plan)}
 
 
-def run_peer(weights: str, opt: argparse.Namespace, x_T: torch.Tensor) -> dict[str, dict]:
-    """Each method's seconds and decoded image, diffusers with the reference packages (a fresh pipeline each)."""
-    from ldm.benchmark.peer import build_pipeline
+def peer_runs(pipe, x_T: torch.Tensor, opt, device: torch.device):
+    """For each method in turn: (name, its row) with diffusers' ``pipe`` through the reference packages (undone
+    after each method): seconds, decoded image."""
     from ldm.benchmark.peer_caching import reference_call
-    rows = {}
+    from ldm.speed.runtime import synchronize
+    kwargs = dict(prompt=[opt.prompt], negative_prompt=[""], guidance_scale=opt.scale, height=opt.H, width=opt.W,
+                  output_type="latent")
     with torch.no_grad():
-        for i, (name, caching) in enumerate(methods(opt.steps)):
-            pipe = build_pipeline(weights, torch.device("cpu"), torch.float32)
-            call = reference_call(pipe, caching, opt.steps)
-            kwargs = dict(prompt=[opt.prompt], negative_prompt=[""], guidance_scale=opt.scale, latents=x_T.clone(),
-                          height=opt.H, width=opt.W, output_type="latent")
-            if i == 0:
-                pipe(**{**kwargs, "num_inference_steps": 2})  # warm-up
+        pipe(**kwargs, latents=x_T.clone(), num_inference_steps=2)  # warm-up
+        for name, caching in methods(opt.steps):
+            call, undo = reference_call(pipe, caching, opt.steps)
             seconds = float("inf")
-            for _ in range(opt.repeats):
-                t0 = time.perf_counter()
-                z = call(**kwargs, num_inference_steps=opt.steps).images
-                seconds = min(seconds, time.perf_counter() - t0)
-            image = pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample.float()
-            rows[name] = {"seconds": seconds, "image": image}
+            try:
+                for _ in range(opt.repeats):
+                    synchronize(device)
+                    t0 = time.perf_counter()
+                    z = call(**kwargs, latents=x_T.clone(), num_inference_steps=opt.steps).images
+                    synchronize(device)
+                    seconds = min(seconds, time.perf_counter() - t0)
+            finally:
+                undo()
             print(f"diffusers {name}: {seconds:.2f} s", file=sys.stderr)
-            del pipe, call
-            gc.collect()
-    return rows
+            yield name, {"seconds": seconds, "image": pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample
+                         .float().cpu()}
 
 
-def table(ours: dict, peer: dict, opt: argparse.Namespace) -> str:
-    """The markdown report."""
+def interleaved(model, pipe, x_T: torch.Tensor, opt, device: torch.device) -> tuple[dict, dict]:
+    """(ours, peer) rows, each method run by ours then by the peer, so that a change in the machine's load
+    between methods touches both sides alike; ``pipe`` None: ours only."""
+    ours, peer = {}, {}
+    theirs = peer_runs(pipe, x_T, opt, device) if pipe is not None else None
+    for name, row in ours_runs(model, x_T, opt, device):
+        ours[name] = row
+        if theirs is not None:
+            peer_name, peer_row = next(theirs)
+            peer[peer_name] = peer_row
+    return ours, peer
+
+
+def window_part(w) -> None:
+    """The GPU window's part: the table on the window's models (ours, and the peer through the packages), at the
+    window's size and dtype; the peer's modules are patched and restored per method."""
+    from types import SimpleNamespace
+    opt = SimpleNamespace(steps=w.opt.steps, scale=9.0, prompt="A photo", repeats=2 if w.device.type == "cuda" else 1,
+                          H=8 * w.side, W=8 * w.side)
+    x_T = torch.randn(1, 4, w.side, w.side, generator=torch.Generator().manual_seed(1)).to(w.device, w.dtype)
+    ours, peer = interleaved(w.model, w.peer, x_T, opt, w.device)
+    w.report(table(ours, peer, opt, f"{w.device.type}, {w.dtype}").rstrip("\n"))
+
+
+def table(ours: dict, peer: dict, opt, where: str | None = None) -> str:
+    """The markdown report; ``where``: the device and dtype (default: the CPU in fp32)."""
     dev = lambda rows, k: ((rows[k]["image"] - rows["plain"]["image"]).abs().max()
                            / rows["plain"]["image"].abs().max()).item()
     base, peer_base = ours["plain"], peer.get("plain")
-    lines = [f"{opt.steps} PLMS steps, {opt.W}x{opt.H}, guidance {opt.scale}, batch 1, fp32, CPU "
-             f"({torch.get_num_threads()} threads); sampling loop only, best of {opt.repeats}.", "",
+    where = where or f"CPU ({torch.get_num_threads()} threads), fp32"
+    lines = [f"{opt.steps} PLMS steps, {opt.W}x{opt.H}, guidance {opt.scale}, batch 1, {where}; sampling loop only, "
+             f"best of {opt.repeats}.", "",
              "| method | UNet calls (full / all, unguided) | UNet FLOPs saved | ours s | ours speed-up | "
              "diffusers + package s | package speed-up | ours vs plain diffusers | ours vs diffusers + package "
              "| deviation ours | deviation diffusers |",
@@ -145,6 +173,9 @@ def table(ours: dict, peer: dict, opt: argparse.Namespace) -> str:
             cells += ["–"] * 4
         cells += [f"{dev(ours, name):.3f}", f"{dev(peer, name):.3f}" if p is not None else "–"]
         lines.append("| " + " | ".join(cells) + " |")
+    if hasattr(os, "getloadavg"):
+        lines += ["", f"Load average (1 min) when the table was written: {os.getloadavg()[0]:.1f} "
+                      f"(on {os.cpu_count()} cores; other work on the machine slows both sides alike only if it is steady)."]
     lines += ["", "Published quality cost (real weights):", "", "| method | published | source |", "|---|---|---|"]
     lines += [f"| {m} | {q} | {s} |" for m, q, s in PUBLISHED]
     return "\n".join(lines) + "\n"
@@ -177,18 +208,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from ldm.benchmark.export import cached_export
     from ldm.benchmark.runs import prepare_model
-    from ldm.benchmark.peer import quiet_peer_logs
+    from ldm.benchmark.peer import build_pipeline, quiet_peer_logs
+    from ldm.weights.loading import load_model
     from ldm.fileio import write_text
     opt = parse_args(argv)
     if opt.threads:
         torch.set_num_threads(opt.threads)
     config, ckpt, _ = prepare_model(opt)
     x_T = torch.randn(1, 4, opt.H // 8, opt.W // 8, generator=torch.Generator().manual_seed(opt.seed))
-    ours = run_ours(config, ckpt, opt, x_T)
-    peer = {}
-    if not opt.no_peer:
+    cpu = torch.device("cpu")
+    pipe = None
+    if not opt.no_peer:  # both models in memory (fp32 SD 2: 2 x 5.2 GB), so that each method runs on both in turn
         quiet_peer_logs()
-        peer = run_peer(cached_export(config, ckpt, os.path.dirname(ckpt)), opt, x_T)
+        pipe = build_pipeline(cached_export(config, ckpt, os.path.dirname(ckpt)), cpu, torch.float32)
+    model, _ = load_model(config, ckpt, device=cpu, dtype=torch.float32)
+    ours, peer = interleaved(model, pipe, x_T, opt, cpu)
     text = table(ours, peer, opt)
     write_text(opt.out + ".md", text)
     print(text)

@@ -1,7 +1,7 @@
 """The GPU proof in one short window: ``ldm-benchmark --window`` (``scripts/gpu_window.sh`` on a GPU machine).
 
 One process, no checkpoint file: the full SD 2 model with seeded random weights is built on the device and the
-diffusers peer gets the same weights in memory (``ldm.benchmark.window_models``). Five parts, in this order, each
+diffusers peer gets the same weights in memory (``ldm.benchmark.window_models``). Seven parts, in this order, each
 appending its rows to the report as soon as it has them (a cut-off keeps everything before it), each run only
 when the time budget (``--budget_s``) still holds its estimate, else skipped with a line that says so:
 
@@ -14,7 +14,8 @@ when the time budget (``--budget_s``) still holds its estimate, else skipped wit
      max-autotune-no-cudagraphs and int8 when the budget allows; compile time beside each;
   4. end to end, 512x512, 50 PLMS steps, batch 1 (4 if the budget allows): each side's best UNet of part 3;
   5. the top 10 kernels of one compiled UNet call of ours;
-  6. only with time left: the blog's table (A-E and the peer) in its fresh-process protocol, batch 1.
+  6. fewer FLOPs: DeepCache, T-GATE, cfg_end and DeepCache + T-GATE, ours and the peer with the reference packages;
+  7. only with time left: the blog's table (A-E and the peer) in its fresh-process protocol, batch 1.
 
 Compiled modules are made once and reused by every part. ``--tiny`` runs the same code on the tiny preset (the CPU
 walk a CI test makes); ``--dry_run`` is that walk plus each part's estimated seconds on an H100 at full size.
@@ -192,7 +193,7 @@ def dry_run_estimates(w: Window) -> None:
     e = w.estimate
     row = w.report.table(["part", "estimated H100 s (full SD 2)"])
     for name in ("build", "environment", "checks", "unet", "unet_optional", "end_to_end", "end_to_end_batch4",
-                 "profile", "blog_table"):
+                 "profile", "fewer_flops", "blog_table"):
         row([name, f"{e[name]:.0f}"])
     must = sum(e[k] for k in ("build", "environment", "checks", "unet", "end_to_end", "profile"))
     w.report(f"\nSD 2 UNet call (guided batch 2, 64x64 latent): {e['unet_tflop']:.2f} TFLOP; at the published "

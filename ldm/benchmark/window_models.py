@@ -179,6 +179,8 @@ def estimates(preset: str = "sd2", steps: int = 50, iters: int = 20) -> dict[str
         "end_to_end": 2 * 2 * 4 * image_s,
         "end_to_end_batch4": 2 * c["default"] + 2 * 2 * 4 * 4 * image_s,
         "profile": 3.0,
+        # 5 methods x 2 sides x 2 repeats, eager, about 0.6 of the plain run's UNet work on average; FLOP counts, decodes
+        "fewer_flops": 2 * 2 * 5 * 0.6 * steps * eager_s + 15.0,
         "blog_table": 300.0,  # a 5.2 GB random checkpoint written, then six fresh 512x512 processes, one compiling
         "unet_tflop": unet_flops(preset, 2, 64) / 1e12,
     }

@@ -319,7 +319,7 @@ def profile(w) -> None:
 
 
 def blog_table(w) -> None:
-    """Part 6, only with time left: the blog's table (A-E and the peer) in its fresh-process protocol, batch 1,
+    """Part 7, only with time left: the blog's table (A-E and the peer) in its fresh-process protocol, batch 1,
     as ``ldm-benchmark`` runs it (a random checkpoint on disk, one process per run), cut off at the budget."""
     import os
     import sys
@@ -339,5 +339,12 @@ def blog_table(w) -> None:
     w.report(open(md, encoding="utf-8").read() if os.path.isfile(md) else f"no table (exit {code})")
 
 
+def fewer_flops(w) -> None:
+    """Part 6: DeepCache, T-GATE, cfg_end and DeepCache + T-GATE, ours and the peer through the reference packages
+    (ldm.benchmark.fewer_flops), eager, at the window's size; the peer's modules are restored after each method."""
+    from ldm.benchmark.fewer_flops import window_part
+    window_part(w)
+
+
 PARTS = (("environment", environment), ("checks", checks), ("unet", unet_part), ("end_to_end", end_to_end),
-         ("profile", profile), ("blog_table", blog_table))
+         ("profile", profile), ("fewer_flops", fewer_flops), ("blog_table", blog_table))

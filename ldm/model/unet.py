@@ -170,7 +170,8 @@ class UNetModel(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, branch: int | None = None,
                 deep: torch.Tensor | None = None, cross: tuple[torch.Tensor, ...] | None = None,
                 record: bool = False, y: torch.Tensor | None = None):
-        """The UNet output (B, C_out, H, W); with any of the caching arguments, (out, deep feature, cross outputs).
+        """The UNet output (B, C_out, H, W); with any of the caching arguments (branch, cross, record), the tuple
+        (out, deep feature or None, cross-attention outputs or None).
 
         ``y`` (B, adm_in_channels): the vector conditioning of a ``num_classes: sequential`` UNet (SDXL's pooled
         text embedding and Fourier-embedded sizes), required by such a UNet and refused by others.
@@ -191,6 +192,9 @@ class UNetModel(nn.Module):
         if y is not None:
             emb = emb + self.label_emb(y.to(dtype))  # (B, 4*mc)
         context = context.to(dtype)
+        if deep is not None and (branch is None or record):
+            raise ValueError("deep (a DeepCache feature) needs its branch, and a call that keeps the cross-attention "
+                             "outputs (record) must be a full one")
         kept = [None] * self.num_cross_blocks if record else None
         shallow = len(self.input_blocks) if branch is None else branch + 1  # the output blocks fed by fresh skips
         h = x.to(dtype)
@@ -208,6 +212,6 @@ class UNetModel(nn.Module):
         for block in self.output_blocks[len(self.output_blocks) - shallow:]:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, cross, kept)
         out = self.out(h).to(x.dtype)
-        if branch is None and not record:
+        if branch is None and cross is None and not record:
             return out
         return out, (fresh if branch is not None else None), (tuple(kept) if record else None)

@@ -13,7 +13,8 @@
   batch is dropped after the first ``cfg_end`` of the steps.
 
 Counting: T-GATE and ``cfg_end`` count sampler steps (PLMS's first step makes two UNet calls, as in
-diffusers' PNDM, which the reference packages run on); DeepCache counts UNet calls, as its package does.
+diffusers' PNDM, which the reference packages run on); DeepCache counts UNet calls (its package numbers a call
+by its timestep's index in the scheduler, which PNDM repeats once: the same full calls for an interval of 3 or more).
 Its interval restarts (a full call) whenever the UNet batch or the cross-attention source changes (guidance
 stops, the gate), and the call that keeps the cross-attention outputs is a full one: the composition of
 the T-GATE package with DeepCache. The per-call plan is Python data made before sampling, so the loop
@@ -31,7 +32,7 @@ import torch
 
 from ldm.samplers.guidance import cat_cond
 
-DEEPCACHE_INTERVAL, DEEPCACHE_BRANCH = 3, 0  # the deepcache package's defaults (its README, SD 1.5 / 2.1)
+DEEPCACHE_INTERVAL, DEEPCACHE_BRANCH = 3, 0  # the deepcache package's documented setting (its README; diffusers' docs)
 TGATE_FRACTION = 0.4  # the T-GATE paper's gate: step 10 of 25
 
 
@@ -70,10 +71,6 @@ class Caching:
         if not 0.0 < self.cfg_end <= 1.0:
             raise ValueError(f"cfg_end must be in (0, 1], got {self.cfg_end}")
 
-    @property
-    def active(self) -> bool:
-        return self.deepcache is not None or self.tgate is not None or self.cfg_end < 1.0
-
     def guided_steps(self, steps: int) -> int:
         """How many of ``steps`` steps are guided: the earlier of the gate and ``cfg_end``."""
         n = math.ceil(self.cfg_end * steps - 1e-9)
@@ -103,6 +100,13 @@ def graph_kinds(calls: list[Call], deepcache: bool) -> set[tuple]:
     return {(c.guided, (c.full if deepcache else None), c.record, c.reuse) for c in calls}
 
 
+def check_branch(unet: Any, branch: int) -> None:
+    """A DeepCache branch ``unet`` has: its input blocks number the branches (0 ... len - 1)."""
+    blocks = len(unet.input_blocks)
+    if not 0 <= branch < blocks:
+        raise ValueError(f"DeepCache branch {branch} does not exist: this UNet has branches 0 ... {blocks - 1}")
+
+
 class CachingCFGDenoiser:
     """``CFGDenoiser``'s eps(x, t) following a ``Caching`` plan: DeepCache, T-GATE, guidance that stops early.
 
@@ -120,10 +124,7 @@ class CachingCFGDenoiser:
         self.calls = caching.plan(call_steps, self.guided)
         self.branch = caching.branch if caching.deepcache is not None else None
         if self.branch is not None:
-            blocks = len(model.model.diffusion_model.input_blocks)
-            if self.branch >= blocks:
-                raise ValueError(f"DeepCache branch {self.branch} does not exist: this UNet has branches "
-                                 f"0 ... {blocks - 1}")
+            check_branch(model.model.diffusion_model, self.branch)
         self.deep: torch.Tensor | None = None
         self.cross: tuple[torch.Tensor, ...] | None = None
         self.index = 0
@@ -156,5 +157,7 @@ class CachingCFGDenoiser:
             out = out_u + self.scale * (out_c - out_u)
         self.counts.update(["full" if call.full else "shallow", "guided" if call.guided else "unguided"]
                            + ["record"] * call.record + ["reuse"] * call.reuse)
+        if self.index == len(self.calls):  # the run's last call: nothing kept outlives it
+            self.deep = self.cross = None
         # the v -> eps map as CFGDenoiser's
         return alpha * out + sigma * x if self.v else out
