@@ -161,6 +161,10 @@ def export(config: str, ckpt: str, out_dir: str) -> str:
     model_cfg = load_config(config)
     sd, _ = read_checkpoint(ckpt)
     sd, _ = split_extras(sd)
+    if hasattr(model_cfg, "conditioner"):  # SDXL: StableDiffusionXLPipeline's parts
+        from ldm.benchmark.export_sdxl import export_sdxl
+        os.makedirs(out_dir, exist_ok=True)
+        return export_sdxl(model_cfg, sd, out_dir)
     parts = convert_weights(sd, model_cfg)
     os.makedirs(out_dir, exist_ok=True)
     for name, part in parts.items():

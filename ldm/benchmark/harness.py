@@ -236,7 +236,7 @@ def select_configs(opt: argparse.Namespace) -> tuple[list[Config], list[str]]:
 def is_inpainting(config: str) -> bool:
     """True when the config's model is an inpainting one (hybrid conditioning: a 9-channel UNet input)."""
     from ldm.model.presets import load_config
-    return load_config(config).conditioning_key == "hybrid"
+    return getattr(load_config(config), "conditioning_key", "crossattn") == "hybrid"  # SDXL: none
 
 
 def main(argv: list[str] | None = None) -> int:

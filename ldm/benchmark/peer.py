@@ -1,4 +1,5 @@
-"""The benchmark's peer: diffusers' StableDiffusionPipeline built offline from the same checkpoint.
+"""The benchmark's peer: diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL:
+``ldm.benchmark.export_sdxl``) built offline from the same checkpoint.
 
     python -m ldm.benchmark.peer export --config CFG --ckpt CKPT --out DIR        # convert once
     python -m ldm.benchmark.peer run --weights DIR --prompt "A photo" --seed 1 --steps 50 --n_iter 2 \
@@ -101,6 +102,9 @@ def build_pipeline(weights: str, device: torch.device, dtype: torch.dtype):
     from transformers import CLIPTextConfig, CLIPTextModel
     with open(os.path.join(weights, "configs.json"), encoding="utf-8") as f:
         cfg = json.load(f)
+    if cfg.get("family") == "sdxl":
+        from ldm.benchmark.export_sdxl import build_sdxl_pipeline
+        return build_sdxl_pipeline(weights, device, dtype)
     unet = load_part(lambda: UNet2DConditionModel(**cfg["unet"]), os.path.join(weights, "unet.pt"))
     vae = load_part(lambda: AutoencoderKL(**cfg["vae"]), os.path.join(weights, "vae.pt"))
     text = load_part(lambda: CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
@@ -153,7 +157,10 @@ def generate(pipe, prompts: list[str], negative: str, steps: int, scale: float, 
              output_type: str = "pt", call=None) -> torch.Tensor:
     """One pipeline call from the start noise ``x_T``: latents ("latent") or images in [0, 1] ("pt"); ``call``:
     the pipeline through the reference packages (``ldm.benchmark.peer_caching.reference_call``)."""
-    return (call or pipe)(prompt=prompts, negative_prompt=[negative] * len(prompts), num_inference_steps=steps,
+    # SDXL: None lets force_zeros_for_empty_prompt zero the empty negative prompt, as ours does (sgm's)
+    zeroed = negative == "" and hasattr(pipe, "text_encoder_2")
+    return (call or pipe)(prompt=prompts, negative_prompt=None if zeroed else [negative] * len(prompts),
+                          num_inference_steps=steps,
                 guidance_scale=scale, height=x_T.shape[-2] * pipe.vae_scale_factor,
                 width=x_T.shape[-1] * pipe.vae_scale_factor, latents=x_T, output_type=output_type).images
 
@@ -169,10 +176,12 @@ def run(opt: argparse.Namespace) -> dict:
     shape = [4, opt.H // 8, opt.W // 8]
     gen = torch.Generator(device).manual_seed(opt.seed)
     prompts = opt.n_samples * [opt.prompt]
+    sdxl = hasattr(pipe, "text_encoder_2")
+    scale = opt.scale if opt.scale is not None else 5.0 if sdxl else 9.0  # txt2img's defaults
 
     def once() -> torch.Tensor:
         x_T = torch.randn([opt.n_samples, *shape], generator=gen, device=device).to(dtype)
-        images = generate(pipe, prompts, "", opt.steps, opt.scale, x_T, call=call)
+        images = generate(pipe, prompts, "", opt.steps, scale, x_T, call=call)
         return (255.0 * images.float()).to(torch.uint8).permute(0, 2, 3, 1).cpu()  # as ldm.apps.images.to_uint8
 
     timed = 0.0
@@ -234,7 +243,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--prompt", default="A photo")
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--steps", type=int, default=50)
-    r.add_argument("--scale", type=float, default=9.0)
+    r.add_argument("--scale", type=float, default=None, help="default: txt2img's (9.0; SDXL 5.0)")
     r.add_argument("--n_iter", type=int, default=2)
     r.add_argument("--n_samples", type=int, default=1)
     r.add_argument("--H", type=int, default=512)

@@ -81,7 +81,8 @@ def unet_factory(opt: argparse.Namespace) -> tuple[Callable[[], torch.nn.Module]
         import json
         from diffusers import UNet2DConditionModel
         with open(os.path.join(opt.weights, "configs.json"), encoding="utf-8") as f:
-            cfg = json.load(f)["unet"]
+            export = json.load(f)
+        cfg = export["unet"]
 
         from ldm.benchmark.peer import set_peer_attention
 
@@ -89,8 +90,14 @@ def unet_factory(opt: argparse.Namespace) -> tuple[Callable[[], torch.nn.Module]
             unet = UNet2DConditionModel(**cfg).eval()
             set_peer_attention(unet, opt.attention)  # here too for the memory estimate, which builds afresh
             return unet
-        return (build_peer, lambda m, x, t, c: m(x, t, c, return_dict=False)[0],
-                (cfg["in_channels"], cfg["cross_attention_dim"]))
+        call = lambda m, x, t, c: m(x, t, c, return_dict=False)[0]
+        if cfg.get("addition_embed_type") == "text_time":  # SDXL: the pooled text and the six size numbers
+            n_ids = export["time_ids"]  # 6 for the base (three sizes), 5 for the refiner (two and the score)
+            pooled = cfg["projection_class_embeddings_input_dim"] - n_ids * cfg["addition_time_embed_dim"]
+            call = lambda m, x, t, c: m(x, t, c, added_cond_kwargs={
+                "text_embeds": x.new_zeros(x.shape[0], pooled), "time_ids": x.new_zeros(x.shape[0], n_ids)},
+                return_dict=False)[0]
+        return build_peer, call, (cfg["in_channels"], cfg["cross_attention_dim"])
     from ldm.model.attention import set_attention_backend
     from ldm.model.presets import load_config
     from ldm.model.unet import UNetModel
@@ -100,6 +107,9 @@ def unet_factory(opt: argparse.Namespace) -> tuple[Callable[[], torch.nn.Module]
         unet = UNetModel(cfg).eval()
         set_attention_backend(unet, opt.attention)
         return unet
+    if cfg.adm_in_channels:  # SDXL's vector conditioning (zeros: the timing does not depend on its values)
+        return build, lambda m, x, t, c: m(x, t, c, y=x.new_zeros(x.shape[0], cfg.adm_in_channels)), \
+            (cfg.in_channels, cfg.context_dim)
     return build, lambda m, x, t, c: m(x, t, c), (cfg.in_channels, cfg.context_dim)
 
 
