@@ -1,5 +1,5 @@
 """The benchmark's peer: diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL:
-``ldm.benchmark.export_sdxl``) built offline from the same checkpoint.
+``ldm.benchmark.export.export_sdxl``) built offline from the same checkpoint.
 
     python -m ldm.benchmark.peer export --config CFG --ckpt CKPT --out DIR        # convert once
     python -m ldm.benchmark.peer run --weights DIR --prompt "A photo" --seed 1 --steps 50 --n_iter 2 \
@@ -103,7 +103,6 @@ def build_pipeline(weights: str, device: torch.device, dtype: torch.dtype):
     with open(os.path.join(weights, "configs.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     if cfg.get("family") == "sdxl":
-        from ldm.benchmark.export_sdxl import build_sdxl_pipeline
         return build_sdxl_pipeline(weights, device, dtype)
     unet = load_part(lambda: UNet2DConditionModel(**cfg["unet"]), os.path.join(weights, "unet.pt"))
     vae = load_part(lambda: AutoencoderKL(**cfg["vae"]), os.path.join(weights, "vae.pt"))
@@ -113,6 +112,32 @@ def build_pipeline(weights: str, device: torch.device, dtype: torch.dtype):
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
                                    scheduler=eps_scheduler(cfg["scheduler"]), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def build_sdxl_pipeline(weights: str, device: torch.device, dtype: torch.dtype):
+    """StableDiffusionXLPipeline (or the img2img pipeline for a refiner export) from an SDXL ``export`` folder (``ldm.benchmark.export.export_sdxl``)."""
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    with open(os.path.join(weights, "configs.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    part = lambda name: os.path.join(weights, f"{name}.pt")
+    parts = {"unet": load_part(lambda: UNet2DConditionModel(**cfg["unet"]), part("unet")),
+             "vae": load_part(lambda: AutoencoderKL(**cfg["vae"]), part("vae")),
+             "scheduler": PNDMScheduler(**cfg["scheduler"])}
+    parts["text_encoder_2"] = load_part(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])),
+                                        part("text_encoder_2"))
+    parts["tokenizer_2"] = load_tokenizer(os.path.join(weights, "tokenizer_2"), {"kind": "sd2", "max_length": 77})
+    if "text_encoder" in cfg:
+        parts["text_encoder"] = load_part(lambda: CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+                                          part("text_encoder"))
+        parts["tokenizer"] = load_tokenizer(os.path.join(weights, "tokenizer"), {"kind": "sd1", "max_length": 77})
+        pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=cfg["force_zeros_for_empty_prompt"])
+    else:
+        pipe = StableDiffusionXLImg2ImgPipeline(**parts, text_encoder=None, tokenizer=None,
+                                                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
 
