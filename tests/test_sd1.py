@@ -404,9 +404,11 @@ def test_guess_rejects_what_it_cannot_load():
     cases = [
         ({**sd1, first: torch.empty(320, 5, 3, 3, device="meta")}, "5 input channels"),
         ({k: v for k, v in sd1.items() if not k.startswith("cond_stage_model.")}, "no text encoder"),
-        ({**sd1, "cond_stage_model.model.ln_final.weight": torch.empty(1024, device="meta")}, "both CLIP and OpenCLIP"),
+        ({**sd1, "cond_stage_model.model.ln_final.weight": torch.empty(1024, device="meta")}, "more than one model kind"),
         ({k: v for k, v in sd1.items() if k.startswith("first_stage_model.")}, "not an ldm Stable Diffusion"),
-        ({**sd1, "conditioner.embedders.0.transformer.x": torch.empty(1)}, "SDXL"),
+        # SD 1's text encoder beside SDXL's first tower: two kinds of text encoder
+        ({**sd1, "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight":
+          torch.empty(49408, 768, device="meta")}, "more than one model kind"),
         ({**sd1, "model.diffusion_model.label_emb.0.0.weight": torch.empty(1)}, "label_emb"),
         ({**sd1, first: torch.empty(192, 4, 3, 3, device="meta")}, "UNet width 192"),
     ]

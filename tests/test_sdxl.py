@@ -21,7 +21,9 @@ from ldm.weights.families import identify
 from ldm.weights.layout import to_native, to_original
 from ldm.weights.reading import CheckpointError
 
-REFERENCE = os.path.join(ROOT, "..", "shared", "reference", "sdxl-base.state_dict.txt")
+# every key, shape and dtype of the SDXL base as generative-models builds it (a copy of the workplace's reference
+# list, so that a clean clone tests against it)
+REFERENCE = os.path.join(ROOT, "tests", "data", "sdxl-base.state_dict.txt")
 # No "!": diffusers' SDXL tokenizer_2 has "!" as its pad token, so it turns a prompt's "!" into id 0 where open_clip's
 # tokenizer (the reference's) gives "!</w>" (256); the towers agree on the same ids.
 PROMPTS = ["a photograph of an astronaut riding a horse", "Ünïcode & punctuation, 123."]

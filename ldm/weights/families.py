@@ -79,14 +79,15 @@ def fingerprint(sd: dict[str, torch.Tensor]) -> Fingerprint:
     for a merely unknown model (missing parts read as None)."""
     texts = {name for prefix, name in TEXT_PREFIXES.items() if any(k.startswith(prefix) for k in sd)}
     towers = {int(m.group(1)): SDXL_TOWERS[m.group(2)] for k in sd if (m := _SDXL_TOWER.match(k))}
-    if towers:
-        texts.add("+".join(towers[i] for i in sorted(towers)))
+    if towers:  # SD's cond_stage_model beside SDXL's conditioner is two kinds, even where the names agree
+        texts = {"+".join(towers[i] for i in sorted(towers))} if not texts else texts | {"conditioner"}
     context = next((int(v.shape[1]) for k, v in sd.items() if k.startswith(UNET) and
                     k.endswith((".attn2.to_k.weight", ".attn2.k_proj_weight"))), None)
     first = sd.get(FIRST_CONV)
     model_channels, in_channels = (int(n) for n in first.shape[:2]) if first is not None else (None, None)
     layout = detect_layout({k: v for k, v in sd.items() if k.startswith(UNET)})
-    vector = int(sd[LABEL_EMB].shape[1]) if LABEL_EMB in sd else None
+    emb = sd.get(LABEL_EMB)
+    vector = int(emb.shape[1]) if emb is not None and emb.dim() == 2 else None
     return Fingerprint(texts.pop() if len(texts) == 1 else None, context, model_channels, in_channels, layout, vector)
 
 
@@ -104,7 +105,7 @@ def identify(sd: dict[str, torch.Tensor]) -> tuple[Family, Fingerprint]:
                               f"conditioner.embedders.*); pass --config")
     family = fp.family()
     sdxl = any(k.startswith("conditioner.embedders.") for k in sd)
-    if family is None and not sdxl and any(k.startswith(UNET + "label_emb.") for k in sd):
+    if (family is None or family.vector is None) and not sdxl and any(k.startswith(UNET + "label_emb.") for k in sd):
         raise CheckpointError("the UNet has a class/image embedding (label_emb, e.g. SD 2.x unCLIP): not supported")
     if family is None:
         vector = f", vector conditioning width {fp.vector}" if fp.vector else ""
