@@ -525,6 +525,7 @@ def test_img2img_takes_the_flags(tmp_path):
     assert f"T-GATE: {default_gate(5)}" in Image.open(png).info["parameters"]  # 40 % of the 5 steps run
 
 
+@pytest.mark.slow
 def test_benchmark_table_ours_and_the_packages(tmp_path):
     """ldm-benchmark --fewer_flops on the tiny model: every row, ours and diffusers with the reference packages,
     and the same deviation from the plain image on both sides (the same algorithm)."""
