@@ -35,11 +35,16 @@ PUBLISHED = [  # (method, quality cost as published, source)
 ]
 
 
-def methods(steps: int) -> list[tuple[str, Caching | None]]:
-    """The rows: plain, each method at its published default, and DeepCache + T-GATE."""
+ROWS = ("plain", "deepcache", "tgate", "cfg_end", "deepcache+tgate")
+
+
+def methods(steps: int, rows: tuple[str, ...] = ROWS) -> list[tuple[str, Caching | None]]:
+    """The rows (``rows``, by key, of ``ROWS``): plain, each method at its published default, DeepCache + T-GATE."""
     gate = default_gate(steps)
-    return [("plain", None), ("DeepCache 3,0", Caching(deepcache=3)), (f"T-GATE {gate}", Caching(tgate=gate)),
-            ("cfg_end 0.5", Caching(cfg_end=0.5)), (f"DeepCache 3,0 + T-GATE {gate}", Caching(deepcache=3, tgate=gate))]
+    every = dict(zip(ROWS, [("plain", None), ("DeepCache 3,0", Caching(deepcache=3)),
+                            (f"T-GATE {gate}", Caching(tgate=gate)), ("cfg_end 0.5", Caching(cfg_end=0.5)),
+                            (f"DeepCache 3,0 + T-GATE {gate}", Caching(deepcache=3, tgate=gate))]))
+    return [every[k] for k in ROWS if k in rows]
 
 
 def unet_flops(model, x: torch.Tensor, context: torch.Tensor, branch: int) -> dict[tuple[bool, bool], int]:
@@ -82,7 +87,7 @@ def ours_runs(model, x_T: torch.Tensor, opt, device: torch.device):
                                   x_T=x_T.clone())[0]
 
         run(PLMSSampler(model), 2)  # warm-up
-        for name, caching in methods(opt.steps):
+        for name, caching in methods(opt.steps, opt.rows):
             sampler = PLMSSampler(model, caching=caching)
             seconds = float("inf")
             for _ in range(opt.repeats):  # the best of the repeats: the least disturbed by other work
@@ -108,7 +113,7 @@ def peer_runs(pipe, x_T: torch.Tensor, opt, device: torch.device):
                   output_type="latent")
     with torch.no_grad():
         pipe(**kwargs, latents=x_T.clone(), num_inference_steps=2)  # warm-up
-        for name, caching in methods(opt.steps):
+        for name, caching in methods(opt.steps, opt.rows):
             call, undo = reference_call(pipe, caching, opt.steps)
             seconds = float("inf")
             try:
@@ -143,7 +148,7 @@ def window_part(w) -> None:
     window's size and dtype; the peer's modules are patched and restored per method."""
     from types import SimpleNamespace
     opt = SimpleNamespace(steps=w.opt.steps, scale=9.0, prompt="A photo", repeats=2 if w.device.type == "cuda" else 1,
-                          H=8 * w.side, W=8 * w.side)
+                          rows=ROWS, H=8 * w.side, W=8 * w.side)
     x_T = torch.randn(1, 4, w.side, w.side, generator=torch.Generator().manual_seed(1)).to(w.device, w.dtype)
     ours, peer = interleaved(w.model, w.peer, x_T, opt, w.device)
     w.report(table(ours, peer, opt, f"{w.device.type}, {w.dtype}").rstrip("\n"))
@@ -161,7 +166,7 @@ def table(ours: dict, peer: dict, opt, where: str | None = None) -> str:
              "diffusers + package s | package speed-up | ours vs plain diffusers | ours vs diffusers + package "
              "| deviation ours | deviation diffusers |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, _ in methods(opt.steps):
+    for name, _ in methods(opt.steps, opt.rows):
         o, p = ours[name], peer.get(name)
         saved = 1 - o["flops"] / base["flops"]
         cells = [name, f"{o['full']} / {o['calls']}, {o['unguided']}", f"{saved:.0%}", f"{o['seconds']:.1f}",
@@ -195,11 +200,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", default="A photo")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1, help="runs per method; the best is reported")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"the rows to run, of {','.join(ROWS)} (plain always)")
     p.add_argument("--no_peer", action="store_true")
     p.add_argument("--out", default="outputs/fewer-flops", help="writes OUT.md")
     opt = p.parse_args(argv)
     if opt.repeats < 1 or opt.steps < 1 or opt.H % 8 or opt.W % 8 or opt.H < 8 or opt.W < 8:
         p.error("--repeats and --steps must be at least 1 and --H/--W positive multiples of 8")
+    rows = tuple(r.strip() for r in opt.rows.split(",") if r.strip())
+    if not set(rows) <= set(ROWS):
+        p.error(f"--rows takes {','.join(ROWS)}: got {opt.rows!r}")
+    opt.rows = ("plain",) + tuple(r for r in rows if r != "plain")  # the speed-ups are over the plain run
     if opt.ckpt:
         opt.random = None
     return opt
