@@ -122,7 +122,28 @@ class DiffusionWrapper(nn.Module):
         return self.diffusion_model(x, t, context, **caching)
 
 
-class LatentDiffusion(nn.Module):
+class InferenceModel(nn.Module):
+    """What LatentDiffusion and SDXL's DiffusionEngine share: device and dtype from the UNet, eval mode always."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.diffusion_model.time_embed[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.diffusion_model.dtype
+
+    def train(self, mode: bool = True):
+        """Inference only: the model always stays in eval mode (no dropout exists anyway)."""
+        return super().train(False)
+
+    @contextlib.contextmanager
+    def ema_scope(self, context: str | None = None):
+        """No-op: EMA weights, when wanted, are chosen at load time (``load_model(..., ema=True)``)."""
+        yield
+
+
+class LatentDiffusion(InferenceModel):
     """Text-to-image latent diffusion for inference (SD 2.x: OpenCLIP text, eps or v prediction)."""
 
     def __init__(self, cfg: DiffusionConfig | None = None, **params):
@@ -144,23 +165,6 @@ class LatentDiffusion(nn.Module):
                 self.register_buffer(name, value)
         self.eval()
         self.requires_grad_(False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.diffusion_model.time_embed[0].weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.diffusion_model.dtype
-
-    def train(self, mode: bool = True):
-        """Inference only: the model always stays in eval mode (no dropout exists anyway)."""
-        return super().train(False)
-
-    @contextlib.contextmanager
-    def ema_scope(self, context: str | None = None):
-        """No-op: EMA weights, when wanted, are chosen at load time (``load_model(..., ema=True)``)."""
-        yield
 
     # ----- the original public API -----
     @torch.no_grad()

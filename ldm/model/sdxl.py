@@ -11,7 +11,6 @@ the released checkpoint keys: ``model.diffusion_model.*``, ``first_stage_model.*
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from ldm.model.conditioner import TEXT_KEY, ConditionerConfig, GeneralConditioner
 from ldm.model.config import take_params, to_plain
+from ldm.model.diffusion import InferenceModel
 from ldm.model.schedule import make_betas, schedule_buffers
 from ldm.model.unet import UNetConfig, UNetModel
 from ldm.model.vae import AutoencoderKL, DiagonalGaussianDistribution, VAEConfig
@@ -205,7 +205,7 @@ class SDXLWrapper(nn.Module):
         return self.diffusion_model(x, t, cond["crossattn"], y=cond["vector"], **caching)
 
 
-class DiffusionEngine(nn.Module):
+class DiffusionEngine(InferenceModel):
     """SDXL base or refiner for inference: ``conditioner`` -> {crossattn, vector}, ``model`` (the UNet),
     ``first_stage_model`` (the VAE, latents scaled by ``scale_factor`` 0.13025), ``denoiser`` (sigmas)."""
 
@@ -230,23 +230,6 @@ class DiffusionEngine(nn.Module):
                 self.register_buffer(name, value, persistent=False)
         self.eval()
         self.requires_grad_(False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.diffusion_model.time_embed[0].weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.diffusion_model.dtype
-
-    def train(self, mode: bool = True):
-        """Inference only: the model always stays in eval mode."""
-        return super().train(False)
-
-    @contextlib.contextmanager
-    def ema_scope(self, context: str | None = None):
-        """No-op, as ``LatentDiffusion.ema_scope``."""
-        yield
 
     @torch.no_grad()
     def get_learned_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
