@@ -197,3 +197,26 @@ def test_cfg_denoiser_guides_the_dict_conditioning(base):
     with torch.no_grad():
         e_u, e_c = base.apply_model(x, t.expand(2), uc), base.apply_model(x, t.expand(2), c)
         assert rel_err(d(x, t, 0.5, 0.5), e_u + 3.0 * (e_c - e_u)) <= 1e-5
+
+
+def sgm_img2img_sigmas(steps: int, strength: float) -> list[float]:
+    """generative-models' Img2ImgDiscretizationWrapper over its discretization: the sigmas (descending, a final 0),
+    flipped, the first max(int(strength * len), 1) kept, flipped back."""
+    sigmas = LegacyDDPMDiscretization()(steps).flip(0)
+    return sigmas[: max(int(strength * len(sigmas)), 1)].flip(0).tolist()
+
+
+@pytest.mark.parametrize("steps, strength", [(40, 0.15), (30, 0.3), (50, 0.75), (7, 0.5), (10, 0.05), (25, 1.0),
+                                             (25, 0.0)])
+def test_sdxl_img2img_runs_the_sigmas_sgm_keeps(base, steps, strength):
+    """The refiner (and img2img on SDXL) runs sgm's pruned schedule: its count (one fewer than int(strength * S) at
+    most) and its noise levels, from the first sigma it keeps down to 0."""
+    from ldm.apps.pipelines import strength_to_steps
+    t_enc = strength_to_steps(strength, steps, sgm=True)
+    sampler = EulerSampler(base)
+    sampler.make_schedule(ddim_num_steps=steps, verbose=False)
+    ours = sampler.schedule_for(t_enc).sigmas
+    want = sgm_img2img_sigmas(steps, strength)
+    assert len(ours) == len(want) == t_enc + 1
+    assert max(abs(a - b) for a, b in zip(ours, want)) <= 1e-6 * max(want[0], 1.0)
+    assert strength_to_steps(strength, steps) - t_enc in (0, 1)  # the original's int(strength * steps)

@@ -4,7 +4,8 @@
         --config configs/stable-diffusion/v2-inference.yaml --ckpt /tmp/v2-1_512-ema-pruned.ckpt
 
 The init image shrinks to a multiple of 64 per side (LANCZOS), is encoded by the VAE, noised to step
-int(strength * steps) and denoised from there (DDIM by default; --plms/--dpm start partway too).
+int(strength * steps) and denoised from there (DDIM by default; --plms/--dpm start partway too). SDXL counts
+the steps as generative-models does (``pipelines.strength_to_steps``: at most one fewer).
 Errors are one line on stderr and exit 1 (``--debug`` shows the traceback); PNGs are written atomically.
 """
 
@@ -86,7 +87,7 @@ def run(opt: argparse.Namespace) -> dict:
     if getattr(model.cfg, "conditioning_key", "crossattn") != "crossattn":
         raise UserError("img2img needs a text-to-image model; this is an inpainting model (use ldm-inpaint, scripts/inpaint.py)")
     check_latent_flags(model, opt.f, opt.C)
-    t_enc = pipelines.strength_to_steps(opt.strength, opt.ddim_steps)
+    t_enc = pipelines.strength_to_steps(opt.strength, opt.ddim_steps, sgm=is_sdxl(model))  # SDXL: sgm's count
     caching = caching_from(opt, t_enc)  # T-GATE and --cfg_end count the steps img2img runs
     check_branch(caching, model)
     sampler, sampler_name = make_sampler(sampler_flag(opt, model), model, device, caching)
@@ -107,7 +108,8 @@ def run(opt: argparse.Namespace) -> dict:
             n = len(prompts)
             c, uc = guidance_conditioning(model, prompts, opt.negative_prompt, opt.scale, (opt, height, width))
             samples = pipelines.img2img(sampler, init_latent[:n], c, uc, opt.scale, opt.ddim_steps, opt.strength,
-                                        opt.ddim_eta, gen, noise=eps, verbose=distributed.current().step_bars)
+                                        opt.ddim_eta, gen, noise=eps, verbose=distributed.current().step_bars,
+                                        sgm=is_sdxl(model))
             return images.to_uint8(model.decode_first_stage(samples))
 
         def caption(prompt: str, **fields) -> str:

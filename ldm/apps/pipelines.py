@@ -190,19 +190,23 @@ def hybrid_cond(c_concat: torch.Tensor, context: torch.Tensor | None) -> dict | 
     return None if context is None else {"c_concat": [c_concat], "c_crossattn": [context]}
 
 
-def strength_to_steps(strength: float, steps: int) -> int:
-    """t_enc = int(strength * steps), the original's number of denoising steps; strength must be in [0, 1]."""
+def strength_to_steps(strength: float, steps: int, sgm: bool = False) -> int:
+    """The denoising steps of img2img at ``strength`` in [0, 1]: the original's t_enc = int(strength * steps); with
+    ``sgm`` (SDXL), generative-models' count: its Img2ImgDiscretizationWrapper keeps the max(int(strength *
+    (steps + 1)), 1) smallest of the steps + 1 sigmas (the final 0 among them), one step fewer than that (40 steps at
+    0.15: 5, where the original's rule gives 6)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"--strength {strength} must be in [0, 1] (1 = start from pure noise at the top step)")
-    return int(strength * steps)
+    return max(int(strength * (steps + 1)), 1) - 1 if sgm else int(strength * steps)
 
 
 @torch.no_grad()
 def img2img(sampler: Any, init_latent: torch.Tensor, cond: Any, uncond: Any, scale: float, steps: int,
             strength: float, eta: float = 0.0, generator: torch.Generator | None = None,
-            noise: torch.Tensor | None = None, verbose: bool = True) -> torch.Tensor:
-    """Noise ``init_latent`` (B, C, h, w) to step int(strength * steps) and denoise it: the original img2img."""
-    t_enc = strength_to_steps(strength, steps)
+            noise: torch.Tensor | None = None, verbose: bool = True, sgm: bool = False) -> torch.Tensor:
+    """Noise ``init_latent`` (B, C, h, w) to step ``strength_to_steps(strength, steps, sgm)`` and denoise it: the
+    original img2img (``sgm``: generative-models' step count, SDXL's)."""
+    t_enc = strength_to_steps(strength, steps, sgm)
     sampler.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
     t = torch.full((init_latent.shape[0],), t_enc, dtype=torch.long)
     z = sampler.stochastic_encode(init_latent, t, noise=noise, generator=generator)

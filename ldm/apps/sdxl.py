@@ -111,7 +111,7 @@ def refine(refiner: Any, sampler: Any, latents: Any, batch: dict, opt: argparse.
     c, uc = sdxl_conditioning(refiner, batch, opt.negative_prompt, opt.scale)
     if stopped_at is None:
         return pipelines.img2img(sampler, latents, c, uc, opt.scale, opt.steps, opt.refiner_strength,
-                                 generator=generator, verbose=verbose)
+                                 generator=generator, verbose=verbose, sgm=True)
     sampler.make_schedule(ddim_num_steps=opt.steps, verbose=False)
     return sampler.decode(latents, c, opt.steps - stopped_at, unconditional_guidance_scale=opt.scale,
                           unconditional_conditioning=uc, generator=generator, verbose=verbose)
