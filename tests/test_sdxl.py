@@ -36,8 +36,9 @@ def tiny(name: str = "sdxl-tiny", seed: int = 0) -> DiffusionEngine:
 
 # ----------------------------------------------------------------------------- diffusers built from our weights
 
-def diffusers_unet_config(cfg) -> dict:
-    """UNet2DConditionModel kwargs for an SDXL-shaped ``UNetConfig`` (attention only at the levels it names)."""
+def diffusers_unet_config(cfg, time_embed_dim: int) -> dict:
+    """UNet2DConditionModel kwargs for an SDXL-shaped ``UNetConfig`` (attention only at the levels it names);
+    ``time_embed_dim``: the width of each Fourier size embedding (8 tiny, 256 SDXL)."""
     channels = [cfg.model_channels * m for m in cfg.channel_mult]
     attn = [2 ** level in cfg.attention_resolutions for level in range(len(channels))]
     depth = [cfg.depth_at(level) for level in range(len(channels))]
@@ -48,9 +49,14 @@ def diffusers_unet_config(cfg) -> dict:
         mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=cfg.num_res_blocks[0],
         attention_head_dim=[cfg.heads_at(c)[0] for c in channels],  # diffusers' legacy name: heads per level
         cross_attention_dim=cfg.context_dim, use_linear_projection=cfg.use_linear_in_transformer,
-        transformer_layers_per_block=depth, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=depth, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
         projection_class_embeddings_input_dim=cfg.adm_in_channels, flip_sin_to_cos=True, freq_shift=0,
         norm_num_groups=32, norm_eps=1e-5, act_fn="silu", upcast_attention=False)
+
+
+def size_embed_dim(cfg) -> int:
+    """The width of one Fourier embedding of the size (and aesthetic score) embedders."""
+    return next(e.embedder.outdim for e in cfg.conditioner.embedders if e.input_key != "txt")
 
 
 def diffusers_parts(model: DiffusionEngine, tmp_path) -> dict:
@@ -66,7 +72,7 @@ def diffusers_parts(model: DiffusionEngine, tmp_path) -> dict:
     from ldm.model.conditioner import OpenCLIP2Config
     cfg = model.cfg
     sd = to_original(model.state_dict())
-    unet_cfg = diffusers_unet_config(cfg.unet)
+    unet_cfg = diffusers_unet_config(cfg.unet, size_embed_dim(cfg))
     vae_cfg = vae_config(cfg.vae, cfg.scale_factor)
     parts = {"unet": load_part(lambda: UNet2DConditionModel(**unet_cfg), convert_ldm_unet_checkpoint(sd, unet_cfg)),
              "vae": load_part(lambda: AutoencoderKL(**vae_cfg), convert_ldm_vae_checkpoint(sd, vae_cfg))}
@@ -158,7 +164,7 @@ def test_refiner_unet_matches_diffusers_with_aesthetic_score(tmp_path):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     from ldm.benchmark.peer import load_part
     model = tiny("sdxl-refiner-tiny", seed=3)
-    unet_cfg = diffusers_unet_config(model.cfg.unet)
+    unet_cfg = diffusers_unet_config(model.cfg.unet, size_embed_dim(model.cfg))
     assert unet_cfg["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
                                             "DownBlock2D"]
     unet = load_part(lambda: UNet2DConditionModel(**unet_cfg),
