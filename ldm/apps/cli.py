@@ -79,7 +79,8 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae_tiling", action="store_true",
                    help="decode/encode in overlapping tiles, blended: large images in bounded memory")
     p.add_argument("--offload", action="store_true",
-                   help="keep text encoder, UNet and VAE on the CPU, each on the device only while it runs")
+                   help="keep text encoder, UNet and VAE (the SDXL refiner's too) on the CPU, each on the device "
+                        "only while it runs")
     p.add_argument("--no_tf32", action="store_true", help="fp32 on CUDA: keep full fp32 matmuls (default: TF32)")
     p.add_argument("--skip_first", action="store_true", help="one untimed warm-up iteration first")
     p.add_argument("--time_file", type=str, default=None, help="write the timed runtime (seconds) here")
@@ -258,9 +259,11 @@ def check_latent_flags(model, f: int, C: int) -> None:
                         f"(use --C {vae.embed_dim})")
 
 
-def optimize(opt: argparse.Namespace, model, rt: Runtime) -> list[str]:
+def optimize(opt: argparse.Namespace, model, rt: Runtime, offload_with=None) -> list[str]:
     """Apply the speed and memory flags to a loaded model, in place, in the one order that composes:
-    layout and precision changes first, then offload, then compilation. Returns what was done."""
+    layout and precision changes first, then offload, then compilation. Returns what was done.
+    ``offload_with``: a model optimized before on the same device (SDXL's base, for its refiner): with --offload
+    the components of both take turns on the device."""
     import torch
     from ldm.speed import runtime
     from ldm.speed.optimize import INT8_HELP, set_fused_projections, to_channels_last
@@ -288,7 +291,7 @@ def optimize(opt: argparse.Namespace, model, rt: Runtime) -> list[str]:
         if (opt.compile or opt.compile_vae) and runtime.uses_cudagraphs(opt.compile_mode, rt.device):
             raise UserError(f"--offload moves weights between calls, which CUDA graphs (--compile_mode "
                             f"{opt.compile_mode}) cannot follow; use --compile_mode default or drop --offload")
-        enable_model_offload(model, rt.device)
+        enable_model_offload(model, rt.device, share_with=getattr(offload_with, "_ldm_offload", None))
         done.append(f"model offload to {rt.device.type} per component")
     if opt.compile:
         runtime.compile_unet(model, opt.compile_mode, rt.device)

@@ -116,7 +116,7 @@ def run(opt: argparse.Namespace) -> dict:
     print("speed: " + ", ".join(optimize(opt, model, rt)), file=sys.stderr)
     if refiner is not None:
         check_latent_size(refiner, opt.H, opt.W, opt.f)
-        optimize(opt, refiner, rt)
+        print("refiner speed: " + ", ".join(optimize(opt, refiner, rt, offload_with=model)), file=sys.stderr)
 
     shape = [opt.C, opt.H // opt.f, opt.W // opt.f]
     gen = torch.Generator(device).manual_seed(opt.seed)

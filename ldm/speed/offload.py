@@ -2,10 +2,14 @@
 
 ``enable_model_offload(model, device)`` keeps a CPU copy of every weight (pinned when the device is
 CUDA) and hooks the entry points of the three components: the text encoder's ``forward``/
-``encode``/``encode_with_transformer``, the UNet wrapper's ``forward`` (``model.model``, reached by
+``encode``/``encode_with_transformer`` (SD 1/2's ``cond_stage_model``; SDXL's ``conditioner``, whose
+``forward`` both towers run under), the UNet wrapper's ``forward`` (``model.model``, reached by
 ``apply_model``) and the VAE's ``encode``/``decode``/``decode_checked``. Entering one component
 drops the previous one's device weights (no copy back: weights never change at inference) and
 copies its own in, so device memory holds about the largest component plus activations.
+
+Two models on one device (SDXL's base and refiner): ``enable_model_offload(refiner, device,
+share_with=base_handle)`` makes the components of both take turns, so one at most is on the device.
 
 Compilation: compile the UNet (``model.model.diffusion_model``) or the VAE decoder before or after
 enabling offload: the hooks sit outside the compiled modules, and a compiled graph takes the
@@ -28,6 +32,7 @@ COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "unet": ("model", ()),
     "vae": ("first_stage_model", ("encode", "decode", "decode_checked")),
 }
+SDXL_TEXT = "conditioner"  # SDXL's DiffusionEngine holds its text part (both towers) here instead
 _INCOMPATIBLE = ("--offload cannot be used with {what} ({where}): it keeps the weights on the device; use "
                  "--compile_mode default or max-autotune-no-cudagraphs, or drop --offload")
 
@@ -81,7 +86,7 @@ def compile_conflict(module: nn.Module) -> str | None:
     from torch._dynamo.eval_frame import OptimizedModule
     for name, m in module.named_modules():
         if isinstance(m, OptimizedModule):
-            cfg = m.get_compiler_config() or {}
+            cfg = m.get_compiler_config() or getattr(m, "ldm_inductor_options", None) or {}  # compile_module's
             where = name or type(module).__name__
             if cfg.get("triton.cudagraphs"):
                 return _INCOMPATIBLE.format(what="CUDA graphs (--compile_mode reduce-overhead/max-autotune)",
@@ -91,14 +96,27 @@ def compile_conflict(module: nn.Module) -> str | None:
     return None
 
 
-class ModelOffload:
-    """The offload state of one model: ``active`` names the component on the device (or None)."""
+def component(model: nn.Module, name: str) -> nn.Module:
+    """The module of component ``name`` ("text", "unet", "vae") of an SD 1/2 or SDXL model."""
+    attr = SDXL_TEXT if name == "text" and hasattr(model, SDXL_TEXT) else COMPONENTS[name][0]
+    return getattr(model, attr)
 
-    def __init__(self, model: nn.Module, device: torch.device | str):
+
+class ModelOffload:
+    """The offload state of one model: ``active`` names the component on the device (or None).
+
+    ``share_with``: the handle of another model offloaded to the same device; entering a component of either
+    model first sends the other's active component back (``group``: the handles taking turns)."""
+
+    def __init__(self, model: nn.Module, device: torch.device | str, share_with: "ModelOffload | None" = None):
         self.device = torch.device(device)
+        if share_with is not None and share_with.device != self.device:
+            raise ValueError(f"offload: cannot share the device with a model offloaded to {share_with.device} "
+                             f"(this one goes to {self.device})")
         self.active: str | None = None
         self.loads = 0  # components copied to the device so far
-        self.parts = {name: getattr(model, attr) for name, (attr, _) in COMPONENTS.items()}
+        self.parts = {name: component(model, name) for name in COMPONENTS}
+        self.group: list[ModelOffload] = share_with.group if share_with is not None else []
         self._model = model
         self._handles: list[Any] = []
         self._wrapped: list[tuple[nn.Module, str]] = []
@@ -115,6 +133,7 @@ class ModelOffload:
                 if hasattr(part, method):
                     setattr(part, method, self._entering(name, getattr(part, method)))
                     self._wrapped.append((part, method))
+        self.group.append(self)  # last: a model that failed above never joins
 
     def _entering(self, name: str, fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -127,7 +146,8 @@ class ModelOffload:
         """Put component ``name`` on the device, sending the active one back to its CPU copy first."""
         if name == self.active:
             return
-        self.offload()
+        for handle in self.group:  # this model's active component, and another model's on the same device
+            handle.offload()
         if self.device.type != "cpu" and (why := compile_conflict(self.parts[name])) is not None:
             raise ValueError(why)  # compiled after offload was enabled
         try:
@@ -156,21 +176,25 @@ class ModelOffload:
         for part, method in self._wrapped:
             delattr(part, method)
         self._handles, self._wrapped = [], []
+        if self in self.group:
+            self.group.remove(self)
         if getattr(self._model, "_ldm_offload", None) is self:
             del self._model._ldm_offload
 
 
-def enable_model_offload(model: nn.Module, device: torch.device | str) -> ModelOffload:
+def enable_model_offload(model: nn.Module, device: torch.device | str,
+                         share_with: ModelOffload | None = None) -> ModelOffload:
     """Keep ``model``'s text encoder, UNet and VAE on the CPU, each moved to ``device`` only while it runs.
 
     Call it after the model has its final dtype (the CPU copies are taken now). ``model.device``
-    then reports the UNet's current place, so give samplers the device explicitly.
+    then reports the UNet's current place, so give samplers the device explicitly. ``share_with``:
+    another model's handle on the same device (SDXL's base, for its refiner): their components take turns.
     """
     if getattr(model, "_ldm_offload", None) is not None:
         raise ValueError("model offload is already enabled on this model")
-    handle = ModelOffload(model, device)
+    handle = ModelOffload(model, device, share_with)
     model._ldm_offload = handle
     return handle
 
 
-__all__ = ["COMPONENTS", "ModelOffload", "compile_conflict", "enable_model_offload"]
+__all__ = ["COMPONENTS", "SDXL_TEXT", "ModelOffload", "compile_conflict", "component", "enable_model_offload"]

@@ -26,10 +26,11 @@ __all__ = ["set_fused_projections", "to_channels_last", "quantize_int8", "int8_t
 
 INT8_HELP = "--int8 needs torchao: pip install torchao"
 
-# Layers whose input has one row per sample (timestep embeddings) or per context token (the text encoder, the
-# cross-attention K/V: 77 per sample): quantizing so few rows on the fly costs more than the int8 matmul saves.
-FEW_ROWS = ("time_embed", "emb_layers", "cond_stage_model",
-            "time_embedding", "time_emb_proj")  # the last two: the same layers in diffusers' UNet (benchmark peer)
+# Layers whose input has one row per sample (timestep embeddings, SDXL's vector embedding ``label_emb``) or per
+# context token (the text encoder, the cross-attention K/V: 77 per sample): quantizing so few rows on the fly costs
+# more than the int8 matmul saves.
+FEW_ROWS = ("time_embed", "emb_layers", "label_emb", "cond_stage_model", "conditioner",
+            "time_embedding", "time_emb_proj", "add_embedding")  # the last three: diffusers' names (benchmark peer)
 PEER_CROSS_KV = ("attn2.to_k", "attn2.to_v", "attn2.to_kv")  # diffusers' cross-attention K/V: 77 rows, as ours
 # Attention projections kept as raw parameters (nn.MultiheadAttention layout) that see every spatial token.
 ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight")
@@ -104,8 +105,8 @@ def int8_targets(model: nn.Module, min_features: int = 320, attention: bool = Tr
 
     Taken: ``nn.Linear`` layers (feed-forward, attention output, transformer proj_in/out, swapped 1x1
     convs) and, with ``attention``, the self-attention QKV and cross-attention Q weights, when both
-    dimensions are at least ``min_features``. Left in float: the timestep-embedding layers (one row
-    per sample) and the cross-attention K/V weight (77 context rows per sample).
+    dimensions are at least ``min_features``. Left in float: the timestep- and vector-embedding layers
+    (one row per sample) and the cross-attention K/V weight (77 context rows per sample).
     """
     names = []
     for name, m in model.named_modules():

@@ -148,7 +148,9 @@ def compile_module(module: nn.Module, mode: str = "default", device: torch.devic
     if run_mode != mode:
         warnings.warn(f"compile mode {mode!r} needs CUDA graphs, which {device.type} does not have; "
                       f"compiling with mode 'default'", stacklevel=2)
-    compiled = torch.compile(module, fullgraph=True, dynamic=dynamic, options=inductor_settings(run_mode, device))
+    settings = inductor_settings(run_mode, device)
+    compiled = torch.compile(module, fullgraph=True, dynamic=dynamic, options=settings)
+    compiled.ldm_inductor_options = settings  # a fullgraph compile's get_compiler_config() is None (offload reads it)
     return CloneOutput(compiled) if uses_cudagraphs(run_mode, device) else compiled
 
 
