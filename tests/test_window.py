@@ -8,6 +8,7 @@ import torch
 
 from ldm.benchmark import window, window_models as wm
 from ldm.benchmark.window_parts import UNET_CONFIGS
+from ldm.benchmark.window_sdxl import CONFIGS as SDXL_CONFIGS
 
 
 def test_dry_run_walks_every_part_on_the_cpu(tmp_path):
@@ -18,22 +19,77 @@ def test_dry_run_walks_every_part_on_the_cpu(tmp_path):
     assert window.main(["--dry_run", "--compile_backend", "eager", "--steps", "4", "--iters", "1",
                         "--out", str(out)]) == 0
     text = out.read_text()
-    for part in ("environment", "checks", "unet", "end_to_end", "profile", "blog_table"):
+    for part in ("environment", "checks", "unet", "end_to_end", "profile", "sdxl", "blog_table"):
         assert f"## {part}\n" in text and f"({part}: " in text, part
     assert "failed" not in text and "FAIL" not in text
     checks = [line for line in text.splitlines() if line.endswith("| ok |")]
-    assert len(checks) == 9, checks  # 3 images, compile, syncs, CUDA-graph outputs, 3 SDPA choices
+    assert len(checks) == 11, checks  # 3 images, compile, syncs, CUDA-graph outputs, 3 SDPA choices; SDXL's 2
     for _, label in UNET_CONFIGS[:4]:  # eager, fused + channels_last, compile, CUDA graphs: both sides timed
         row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
         ours, theirs = (float(v) for v in row.split("|")[2:4])
         assert ours > 0 and theirs > 0, row
     assert sum(line.startswith(("| 1 | ours", "| 1 | diffusers", "| 4 | ours", "| 4 | diffusers"))
                for line in text.splitlines()) == 4
+    # part 7 on sdxl-tiny: both sides timed in every UNet row and end to end, the same images, no second compile
+    xl = text.split("## sdxl\n")[1].split("## blog_table")[0]
+    for _, label, seed in SDXL_CONFIGS:
+        cells = next(line for line in xl.splitlines() if line.startswith(f"| {label} |")).split("|")
+        assert all(0 < float(v) < float("inf") for v in cells[2:4] + cells[5:7]) and cells[7].strip() == seed, cells
+    for side in ("ours", "diffusers"):
+        cells = next(line for line in xl.splitlines() if line.startswith(f"| {side} | ")).split("|")
+        assert 0 < float(cells[3]) < float("inf"), cells  # s / image, each side's fastest UNet row
+    assert "| ok |" in next(line for line in xl.splitlines() if "the [0, 1] images" in line)
+    assert "| ok |" in next(line for line in xl.splitlines() if "graphs compiled while making the images" in line)
+    assert "| + dynamic int8 | 2.43 |" in xl  # the seed's table, quoted
     e = wm.estimates("sd2", 4, 1)
     assert f"| end_to_end | {e['end_to_end']:.0f} |" in text and f"| checks | {e['checks']:.0f} |" in text
     # 2 sides x batch 1 x (warm-up + 3 timed) x (latents + whole image) runs of `steps` compiled calls + decode
     assert e["end_to_end"] == pytest.approx(2 * 2 * 4 * (4 / wm.H100_BEST_IT_S + 0.06))
-    assert "TFLOP" in text
+    assert "TFLOP" in text and f"| sdxl | {e['sdxl']:.0f} |" in text
+    assert f"| sdxl_compile | {e['sdxl_compile']:.0f} |" in text
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    """What a compiled UNet guards on: each tensor's dtype, shape and strides, the keywords, the other values."""
+    def leaf(v):
+        if torch.is_tensor(v):
+            return v.dtype, tuple(v.shape), v.stride()
+        return tuple(sorted((k, leaf(x)) for k, x in v.items())) if isinstance(v, dict) else v
+    return tuple(leaf(a) for a in args), tuple(sorted((k, leaf(v)) for k, v in kwargs.items()))
+
+
+def _spy(unet) -> list:
+    """The signatures of every later call of ``unet``."""
+    seen, forward = [], unet.forward
+    unet.forward = lambda *a, **k: seen.append(_signature(a, k)) or forward(*a, **k)
+    return seen
+
+
+@torch.no_grad()
+def test_the_timed_unet_calls_are_the_calls_sampling_makes(tmp_path):
+    """In bf16 (ours: float32 latents, a bf16 context) the window's timed UNet calls and each side's sampling loop
+    call the UNet alike, SD 2 and SDXL, ours and diffusers: the images reuse the graphs the UNet rows compiled (in fp32,
+    as the dry run walks, a dtype mismatch would not show)."""
+    pytest.importorskip("diffusers")
+    from ldm.benchmark import window_parts as wp, window_sdxl as wx
+    from ldm.benchmark.peer import generate
+    from ldm.samplers.api import PLMSSampler
+    opt = window.parse_args(["--tiny", "--device", "cpu", "--dtype", "bf16", "--out", str(tmp_path / "r.md")])
+    w = window.setup(opt)
+    seen = {"ours": _spy(w.model.model.diffusion_model), "diffusers": _spy(w.peer.unet)}
+    wp.bind(w, "ours", w.model.model.diffusion_model)()
+    wp.bind(w, "diffusers", w.peer.unet)()
+    wp.sample(w, PLMSSampler, 2)
+    generate(w.peer, [wp.PROMPT], "", 2, 9.0, wp.noise(w, 1).to(w.dtype), "latent")
+    xl = wx.build(w)
+    unets = {"ours": xl.model.model.diffusion_model, "diffusers": xl.peer.unet}
+    seen.update({f"sdxl {side}": _spy(unet) for side, unet in unets.items()})
+    for side, unet in unets.items():
+        wx.bind(w, xl, side, unet)()
+        xl.best[side] = ("eager", unet, 1.0)
+    wx.end_to_end_rows(w, xl)
+    for side, calls in seen.items():
+        assert len(calls) > 2 and len(set(calls)) == 1, (side, set(calls))
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The GPU proof in one short window: ``ldm-benchmark --window`` (``scripts/gpu_window.sh`` on a GPU machine).
 
 One process, no checkpoint file: the full SD 2 model with seeded random weights is built on the device and the
-diffusers peer gets the same weights in memory (``ldm.benchmark.window_models``). Seven parts, in this order, each
+diffusers peer gets the same weights in memory (``ldm.benchmark.window_models``). Eight parts, in this order, each
 appending its rows to the report as soon as it has them (a cut-off keeps everything before it), each run only
 when the time budget (``--budget_s``) still holds its estimate, else skipped with a line that says so:
 
@@ -15,10 +15,18 @@ when the time budget (``--budget_s``) still holds its estimate, else skipped wit
   4. end to end, 512x512, 50 PLMS steps, batch 1 (4 if the budget allows): each side's best UNet of part 3;
   5. the top 10 kernels of one compiled UNet call of ours;
   6. fewer FLOPs: DeepCache, T-GATE, cfg_end and DeepCache + T-GATE, ours and the peer with the reference packages;
-  7. only with time left: the blog's table (A-E and the peer) in its fresh-process protocol, batch 1.
+  7. SDXL (``ldm.benchmark.window_sdxl``): SD 2 freed, the full SDXL base and its diffusers peer built on the device
+     (bf16, shared random weights); one UNet call at 1024x1024 (guided batch 2, 128x128 latent), ours and diffusers
+     interleaved: eager SDPA; + fused projections + channels_last; compile default when the budget allows; then
+     1024x1024, 30 Euler steps, batch 1, each side's best UNet, the two images compared; the Hugging Face SDXL
+     post's A100 table (the seed's numbers) quoted beside;
+  8. only with time left: the blog's table (A-E and the peer) in its fresh-process protocol, batch 1.
 
-Compiled modules are made once and reused by every part. ``--tiny`` runs the same code on the tiny preset (the CPU
-walk a CI test makes); ``--dry_run`` is that walk plus each part's estimated seconds on an H100 at full size.
+The optional rows of parts 3 and 4 (max-autotune, int8, batch 4) run only if the parts after them, SDXL's compiled
+row included, still fit: SDXL's figures beside the seed's table come before SD 2's extras. Compiled modules are made
+once and reused by every part. ``--tiny`` runs the same code on the tiny presets (the CPU walk a CI test makes; part 7
+on ``sdxl-tiny``, 64x64, 2 steps); ``--dry_run`` is that walk plus each part's estimated seconds on an H100 at full
+size.
 """
 
 from __future__ import annotations
@@ -34,9 +42,12 @@ from typing import Callable
 import torch
 
 from ldm.benchmark import window_models as wm
-from ldm.benchmark.window_parts import PARTS
+from ldm.benchmark.window_parts import blog_table, checks, end_to_end, environment, fewer_flops, profile, unet_part
+from ldm.benchmark.window_sdxl import sdxl_part
 
 DEFAULT_BUDGET_S = 480.0
+PARTS = (("environment", environment), ("checks", checks), ("unet", unet_part), ("end_to_end", end_to_end),
+         ("profile", profile), ("fewer_flops", fewer_flops), ("sdxl", sdxl_part), ("blog_table", blog_table))
 
 
 @dataclass
@@ -137,7 +148,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile_backend", default="inductor",
                    help="dynamo backend; 'eager' makes a CPU walk quick (no code generation)")
     p.add_argument("--no_peer", action="store_true", help="leave diffusers out")
-    p.add_argument("--blog_table", action="store_true", help="with --tiny: walk part 6 too (fresh processes)")
+    p.add_argument("--blog_table", action="store_true", help="with --tiny: walk part 8 too (fresh processes)")
     p.add_argument("--seed", type=int, default=0)
     opt = p.parse_args(argv)
     if opt.dry_run:
@@ -189,16 +200,22 @@ def run_parts(w: Window, parts: tuple = PARTS) -> None:
 
 
 def dry_run_estimates(w: Window) -> None:
-    """Each part's estimated seconds on an H100 at full size (window_models.estimates: FLOPs and published rates)."""
+    """Each part's estimated seconds on an H100 at full size (window_models.estimates: FLOPs, published rates and the
+    assumptions it names), and what of them the budget holds."""
     e = w.estimate
-    row = w.report.table(["part", "estimated H100 s (full SD 2)"])
+    row = w.report.table(["part", "estimated H100 s (full size: SD 2, SDXL base)"])
     for name in ("build", "environment", "checks", "unet", "unet_optional", "end_to_end", "end_to_end_batch4",
-                 "profile", "fewer_flops", "blog_table"):
+                 "profile", "fewer_flops", "sdxl", "sdxl_compile", "blog_table"):
         row([name, f"{e[name]:.0f}"])
-    must = sum(e[k] for k in ("build", "environment", "checks", "unet", "end_to_end", "profile"))
+    must = sum(e[k] for k in ("build", "environment", "checks", "unet", "end_to_end", "profile", "fewer_flops", "sdxl"))
+    xl_tflop = wm.unet_flops(wm.SDXL_PRESET, 2, wm.SDXL_SIDE) / 1e12  # the meta device: a few seconds
     w.report(f"\nSD 2 UNet call (guided batch 2, 64x64 latent): {e['unet_tflop']:.2f} TFLOP; at the published "
-             f"{wm.H100_BEST_IT_S} it/s that is {e['unet_tflop'] * wm.H100_BEST_IT_S:.0f} TFLOP/s. Parts 1-5 without the "
-             f"optional rows: about {must:.0f} s of the {w.opt.budget_s:.0f} s budget.")
+             f"{wm.H100_BEST_IT_S} it/s that is {e['unet_tflop'] * wm.H100_BEST_IT_S:.0f} TFLOP/s. SDXL UNet call "
+             f"(guided batch 2, 128x128 latent): {xl_tflop:.1f} TFLOP; the assumed "
+             f"{wm.SDXL_EAGER_CALL_S * 1000:.0f} ms eager is {xl_tflop / wm.SDXL_EAGER_CALL_S:.0f} TFLOP/s. Parts 1-7 "
+             f"without the optional rows: about {must:.0f} s of the {w.opt.budget_s:.0f} s budget; with SDXL's "
+             f"compiled row {must + e['sdxl_compile']:.0f} s (SD 2's optional rows yield to it; part 8 runs only "
+             f"after).")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """The models of the GPU window (``ldm.benchmark.window``): ours built on the device with seeded random weights, the
-diffusers peer holding the same weights in memory, the UNet variants each part times, and FLOP-based estimates.
+diffusers peer holding the same weights in memory (SD 2's pipeline, and SDXL's for part 7), the UNet variants each part
+times, and FLOP-based estimates.
 
 No checkpoint file is read or written. Ours is built under ``torch.device(device)`` (its init runs there, the
 schedule tables stay real CPU tensors), then every parameter is redrawn from one generator on the device with the
@@ -29,6 +30,16 @@ from ldm.speed.runtime import synchronize
 H100_BEST_IT_S = 104.6
 EAGER_SLOWDOWN = 2.0
 COMPILE_S = {"default": 45.0, "reduce-overhead": 50.0, "max-autotune-no-cudagraphs": 240.0, "int8": 60.0}
+# SDXL base (part 7), assumptions for an H100 in bf16/fp16, replaced by measured figures in the report: one eager SDPA
+# UNet call at 1024x1024 (guided batch 2, 128x128 latent: 13.5 TFLOP, so about 210 TFLOP/s), the seed's compile gain
+# (its A100 table: 3.31 -> 2.54 s an image), a default-mode compile of its 2.6 B-parameter UNet per side, text encoding
+# plus the 1024x1024 VAE decode (10.5 TFLOP), and freeing SD 2 then building both SDXL models on the device.
+SDXL_PRESET, SDXL_STEPS, SDXL_SIDE = "sdxl-base", 30, 128
+SDXL_EAGER_CALL_S = 0.065
+SDXL_COMPILE_GAIN = 1.3
+SDXL_COMPILE_S = 90.0
+SDXL_DECODE_S = 0.2
+SDXL_BUILD_S = 20.0
 
 
 def peer_available() -> bool:
@@ -68,12 +79,19 @@ def build_ours(preset: str, device: torch.device, seed: int = 0):
     randomize_(model, seed)
     for name in BUFFER_NAMES:  # real CPU tables even under torch.device(device); load_model moves them too
         setattr(model, name, getattr(model, name).to(device))
+    if hasattr(model, "denoiser"):  # SDXL's sigmas, as load_model moves them
+        model.denoiser.to(device)
     return model.eval().requires_grad_(False)
+
+
+def text_part(model) -> torch.nn.Module:
+    """The text encoder: SDXL's conditioner (both towers), SD 1/2's cond_stage_model."""
+    return model.conditioner if hasattr(model, "conditioner") else model.cond_stage_model
 
 
 def cast_(model, dtype: torch.dtype):
     """UNet, VAE and text encoder to ``dtype`` in place (the schedule tables stay fp32), as load_model casts."""
-    for part in (model.model, model.first_stage_model, model.cond_stage_model):
+    for part in (model.model, model.first_stage_model, text_part(model)):
         part.to(dtype=dtype)
     return model
 
@@ -97,6 +115,48 @@ def build_peer(model, device: torch.device, dtype: torch.dtype):
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
                                    scheduler=eps_scheduler(export.scheduler_config(cfg)), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def build_sdxl_peer(model, device: torch.device, dtype: torch.dtype):
+    """diffusers' StableDiffusionXLPipeline holding the SDXL base ``model``'s weights: the released layout converted in
+    memory with diffusers' single-file converters, tower by tower as ``export.export_sdxl`` writes them; Euler with
+    "leading" spacing (sgm's start scaling), given our timesteps at each call (tests/test_sdxl_sampling.py)."""
+    from types import SimpleNamespace
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from ldm.benchmark import export
+    from ldm.benchmark.peer import load_part, quiet_peer_logs
+    from ldm.weights.layout import to_original
+    quiet_peer_logs()
+    cfg = model.cfg
+    sd = to_original(model.state_dict())  # views of ours but bigG's Q/K/V, split from one in_proj tensor
+    unet_cfg = export.sdxl_unet_config(cfg.unet, export.fourier_dim(cfg))
+    vae_cfg = export.vae_config(cfg.vae, cfg.scale_factor)
+    parts = {"unet": load_part(lambda: UNet2DConditionModel(**unet_cfg), convert_ldm_unet_checkpoint(sd, unet_cfg)),
+             "vae": load_part(lambda: AutoencoderKL(**vae_cfg), convert_ldm_vae_checkpoint(sd, vae_cfg))}
+    for name, (i, tc) in export.tower_configs(cfg).items():
+        prefix = f"conditioner.embedders.{i}."
+        if name == "text_encoder_2":  # bigG: the pooled, projected EOT feature
+            stub = SimpleNamespace(config=SimpleNamespace(hidden_size=tc["hidden_size"]))
+            weights = convert_open_clip_checkpoint(stub, sd, prefix=prefix + "model.")
+            parts[name] = load_part(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**tc)), weights)
+        else:  # CLIP ViT-L, all its layers (the pipeline reads hidden_states[-2])
+            weights = convert_ldm_clip_checkpoint(sd, remove_prefix=prefix + "transformer.")
+            weights = {k: v for k, v in weights.items() if k.startswith("text_model.")}
+            parts[name] = load_part(lambda: CLIPTextModel(CLIPTextConfig(**tc)), weights)
+    with tempfile.TemporaryDirectory() as folder:
+        for name, kind in (("tokenizer", "sd1"), ("tokenizer_2", "sd2")):
+            export.write_tokenizer(folder, kind)
+            parts[name] = export.load_tokenizer(folder, {"kind": kind, "max_length": 77})
+    d = cfg.denoiser
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=d.num_timesteps, beta_start=d.linear_start,
+                                       beta_end=d.linear_end, beta_schedule="scaled_linear", timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(**parts, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=cfg.zeroes_empty_negative, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
 
@@ -130,14 +190,37 @@ def first_call(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def unet_inputs(cfg, batch: int, side: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """x (B, C, side, side), t (B,), context (B, 77, D): one guided step's UNet input (B = 2 x images); t is a float32
-    (1,) tensor expanded to the batch, exactly as ``ldm.samplers`` call the UNet, so the window's own calls and the
-    sampling runs hit the same compiled graph."""
+    """x (B, C, side, side), t (B,), context (B, 77, D): one guided step's UNet input (B = 2 x images) exactly as
+    ``ldm.samplers`` call the UNet, so the window's own calls and the sampling runs hit the same compiled graph: x in
+    float32 (the samplers' latents; the UNet casts), t a float32 (1,) tensor expanded to the batch, the context in
+    ``dtype`` (the text encoder's)."""
     g = torch.Generator(device).manual_seed(0) if device.type != "meta" else None
-    x = torch.randn(batch, cfg.unet.in_channels, side, side, generator=g, device=device, dtype=dtype)
+    x = torch.randn(batch, cfg.unet.in_channels, side, side, generator=g, device=device, dtype=torch.float32)
     context = torch.randn(batch, 77, cfg.unet.context_dim, generator=g, device=device, dtype=dtype)
     t = torch.full((1,), 981.0, device=device).expand(batch)  # as the samplers pass it: one compiled graph for both
     return x, t, context
+
+
+def vector_input(cfg, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """y (B, adm_in_channels): SDXL's vector conditioning (pooled text, Fourier-embedded sizes), as the conditioner
+    gives it (in ``dtype``); its values do not change the timing."""
+    g = torch.Generator(device).manual_seed(1) if device.type != "meta" else None
+    return torch.randn(batch, cfg.unet.adm_in_channels, generator=g, device=device, dtype=dtype)
+
+
+def pipeline_unet_kwargs(context: torch.Tensor, added: dict | None = None) -> dict:
+    """The keyword arguments diffusers' SD and SDXL pipelines give their UNet, every one (a compiled UNet guards on
+    their number): ``added`` is SDXL's {"text_embeds", "time_ids"}."""
+    return dict(encoder_hidden_states=context, timestep_cond=None, cross_attention_kwargs=None,
+                added_cond_kwargs=added, return_dict=False)
+
+
+def pipeline_timestep(scheduler, device: torch.device) -> torch.Tensor:
+    """A timestep as diffusers' pipelines pass it to the UNet: one 0-dim element of ``scheduler.timesteps`` (int64
+    for PNDM, float32 for Euler), so the window's calls of the peer's UNet and its pipeline hit one compiled graph."""
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(2, device=device)
+    return scheduler.timesteps[0]
 
 
 def plain_copy(unet: torch.nn.Module) -> torch.nn.Module:
@@ -156,11 +239,13 @@ def unet_flops(preset: str, batch: int, side: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
     from ldm.model.unet import UNetModel
     cfg = from_name(preset)
-    with torch.device("meta"):
+    meta = torch.device("meta")
+    with meta:
         unet = UNetModel(cfg.unet)
-        x, t, c = unet_inputs(cfg, batch, side, torch.device("meta"), torch.float32)
+        x, t, c = unet_inputs(cfg, batch, side, meta, torch.float32)
+        y = vector_input(cfg, batch, meta, torch.float32) if cfg.unet.adm_in_channels else None
         with FlopCounterMode(display=False) as counter:
-            unet(x, t, c)
+            unet(x, t, c, y=y)
     return float(counter.get_total_flops())
 
 
@@ -170,6 +255,9 @@ def estimates(preset: str = "sd2", steps: int = 50, iters: int = 20) -> dict[str
     eager_s = EAGER_SLOWDOWN * call_s
     image_s = steps * call_s + 0.06  # 50 guided steps, text encoding and the VAE decode
     c = COMPILE_S
+    xl_compiled_s = SDXL_EAGER_CALL_S / SDXL_COMPILE_GAIN
+    # each side: a warm-up and 2 timed images, text to decoded image (each side's best UNet: eager fused at worst)
+    xl_e2e = 2 * 3 * (SDXL_STEPS * SDXL_EAGER_CALL_S + SDXL_DECODE_S)
     return {
         "build": 15.0,  # both models on the device, the peer's weights converted in memory
         "environment": 1.0,
@@ -181,6 +269,10 @@ def estimates(preset: str = "sd2", steps: int = 50, iters: int = 20) -> dict[str
         "profile": 3.0,
         # 5 methods x 2 sides x 2 repeats, eager, about 0.6 of the plain run's UNet work on average; FLOP counts, decodes
         "fewer_flops": 2 * 2 * 5 * 0.6 * steps * eager_s + 15.0,
+        # part 7: free SD 2, build SDXL twice over; eager and fused rows (2 sides, first call + iters); end to end
+        "sdxl": SDXL_BUILD_S + 2 * 2 * (iters + 1) * SDXL_EAGER_CALL_S + xl_e2e,
+        "sdxl_end_to_end": xl_e2e,
+        "sdxl_compile": 2 * SDXL_COMPILE_S + 2 * (iters + 1) * xl_compiled_s,  # its compiled row, when time is left
         "blog_table": 300.0,  # a 5.2 GB random checkpoint written, then six fresh 512x512 processes, one compiling
         "unet_tflop": unet_flops(preset, 2, 64) / 1e12,
     }

@@ -1,4 +1,5 @@
-"""The five parts of the GPU window (``ldm.benchmark.window``); each writes its rows to the report as it goes.
+"""The SD 2 parts of the GPU window (``ldm.benchmark.window``; SDXL's is ``window_sdxl``); each writes its rows to the
+report as it goes.
 
 The UNet variants are made once per window and side (``unet_variant``): the eager rows run a copy with separate
 Q/K/V projections and contiguous weights; every later row shares the fused, channels_last module, and each compile
@@ -116,16 +117,36 @@ def unet_variant(w, side: str, key: str):
 
 
 def bind(w, side: str, f, batch: int = 2):
-    """A no-argument call of ``f`` (ours or diffusers' UNet) on fixed inputs of the window's shape and dtype."""
+    """A no-argument call of ``f`` (ours or diffusers' UNet) on fixed inputs of the window's shape and dtype, typed as
+    each side's sampling loop passes them (one compiled graph for both): ours the samplers' float32 latents and (B,)
+    timesteps, diffusers its pipeline's latents in the model dtype and 0-dim timestep."""
     x, t, c = wm.unet_inputs(w.model.cfg, batch, w.side, w.device, w.dtype)
     if side == "ours":
         return lambda: f(x, t, c)
-    return lambda: f(x, t, encoder_hidden_states=c, return_dict=False)[0]
+    x, t, kwargs = x.to(w.dtype), wm.pipeline_timestep(w.peer.scheduler, w.device), wm.pipeline_unet_kwargs(c)
+    return lambda: f(x, t, **kwargs)[0]
 
 
 def unet_call(w, side: str, key: str, batch: int = 2):
     """A no-argument call of one variant (made on first use)."""
     return bind(w, side, unet_variant(w, side, key), batch)
+
+
+def interleaved_ms(w, calls: dict) -> dict[str, float]:
+    """side -> median milliseconds of ``w.opt.iters`` calls each, the sides taking turns in up to 4 rounds (drift and
+    clocks hit both alike)."""
+    times = {side: [] for side in calls}
+    rounds = 4 if w.opt.iters >= 4 else 1
+    for _ in range(rounds):
+        for side, fn in calls.items():
+            times[side] += time_calls(fn, max(1, w.opt.iters // rounds), w.device)
+    return {side: statistics.median(t) * 1000 for side, t in times.items()}
+
+
+def later(w, *names: str) -> float:
+    """Seconds the parts after an optional row still need (estimates): an optional row runs only if they stay whole.
+    SDXL's compiled row counts among them: its figures beside the seed's table come before SD 2's extras."""
+    return sum(w.estimate.get(n, 0.0) for n in names)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -185,7 +206,7 @@ def checks(w) -> None:
     # CUDA graphs: an output survives the next replay, and PLMS (which keeps earlier eps) matches eager
     ro = unet_variant(w, "ours", "reduce-overhead")
     a, b = (wm.unet_inputs(w.model.cfg, 2, w.side, w.device, w.dtype) for _ in range(2))
-    b = (b[0] * 0.5, b[1] - 400, b[2])
+    b = (b[0] * 0.5, (b[1][:1] - 400).expand_as(b[1]), b[2])  # t still a (1,) expanded: the same graph
     first = ro(*a)
     kept = first.clone()
     second = ro(*b)
@@ -232,9 +253,9 @@ def unet_part(w) -> None:
         if key == "int8" and importlib.util.find_spec("torchao") is None:
             w.report(f"| {label} | skipped: torchao is not installed | | | | |")
             continue
-        if key in OPTIONAL and not w.opt.tiny and not w.budget.allows(
-                wm.COMPILE_S.get(key, 60.0) * len(sides) + w.estimate["end_to_end"] + w.estimate["profile"]):
-            w.report(f"| {label} | skipped: {w.budget.left():.0f} s left, parts 4-5 come first | | | | |")
+        if key in OPTIONAL and not w.opt.tiny and not w.budget.allows(wm.COMPILE_S.get(key, 60.0) * len(sides) + later(
+                w, "end_to_end", "profile", "fewer_flops", "sdxl", "sdxl_compile")):
+            w.report(f"| {label} | skipped: {w.budget.left():.0f} s left, parts 4-7 come first | | | | |")
             continue
         calls, first = {}, {}
         for side in sides:
@@ -245,12 +266,7 @@ def unet_part(w) -> None:
             except Exception as e:  # one side's failure is a cell, not the end of the row
                 calls.pop(side, None)
                 first[side] = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:120]}"
-        times = {side: [] for side in calls}
-        rounds = 4 if w.opt.iters >= 4 else 1
-        for _ in range(rounds):  # interleaved: drift and clocks hit both sides alike
-            for side, fn in calls.items():
-                times[side] += time_calls(fn, max(1, w.opt.iters // rounds), w.device)
-        med = {side: statistics.median(t) * 1000 for side, t in times.items()}
+        med = interleaved_ms(w, calls)
         for side, ms in med.items():
             if side not in w.best or ms < w.best[side][1]:
                 w.best[side] = (key, ms)
@@ -265,7 +281,7 @@ def unet_part(w) -> None:
 
 # ----------------------------------------------------------------------------- parts 4 and 5
 
-def _timed(w, fn, runs: int) -> float:
+def timed_s(w, fn, runs: int) -> float:
     """Median seconds of ``runs`` calls after one untimed warm-up."""
     wm.first_call(fn, w.device)
     return statistics.median(time_calls(fn, runs, w.device))
@@ -278,17 +294,18 @@ def end_to_end(w) -> None:
     row = w.report.table(["batch", "side", "UNet", "s / image", "images / s", "denoising it/s"])
     runs = 3 if w.device.type == "cuda" else 1
     for batch in (1, 4):
-        if batch > 1 and not w.opt.tiny and not w.budget.allows(w.estimate["end_to_end_batch4"] + w.estimate["profile"]):
-            w.report(f"| {batch} | skipped: {w.budget.left():.0f} s left | | | | |")
+        if batch > 1 and not w.opt.tiny and not w.budget.allows(w.estimate["end_to_end_batch4"] + later(
+                w, "profile", "fewer_flops", "sdxl", "sdxl_compile")):
+            w.report(f"| {batch} | skipped: {w.budget.left():.0f} s left, parts 5-7 come first | | | | |")
             continue
         prompts = [PROMPT] * batch
         key = w.best.get("ours", ("fused_cl", 0))[0]
         unet = w.model.model.diffusion_model
         w.model.model.diffusion_model = unet_variant(w, "ours", key)
         try:
-            latent = _timed(w, lambda: sample(w, PLMSSampler, w.opt.steps, batch, prompts), runs)
-            total = _timed(w, lambda: to_uint8(w.model.decode_first_stage(sample(w, PLMSSampler, w.opt.steps, batch,
-                                                                                  prompts))), runs)
+            latent = timed_s(w, lambda: sample(w, PLMSSampler, w.opt.steps, batch, prompts), runs)
+            total = timed_s(w, lambda: to_uint8(w.model.decode_first_stage(sample(w, PLMSSampler, w.opt.steps, batch,
+                                                                                   prompts))), runs)
         finally:
             w.model.model.diffusion_model = unet
         row([batch, "ours", key, f"{total / batch:.3f}", f"{batch / total:.3f}", f"{w.opt.steps / latent:.1f}"])
@@ -300,8 +317,8 @@ def end_to_end(w) -> None:
         w.peer.unet = unet_variant(w, "diffusers", key)
         x_T = noise(w, batch).to(w.dtype)
         try:
-            latent = _timed(w, lambda: generate(w.peer, prompts, "", w.opt.steps, 9.0, x_T, "latent"), runs)
-            total = _timed(w, lambda: generate(w.peer, prompts, "", w.opt.steps, 9.0, x_T, "pt"), runs)
+            latent = timed_s(w, lambda: generate(w.peer, prompts, "", w.opt.steps, 9.0, x_T, "latent"), runs)
+            total = timed_s(w, lambda: generate(w.peer, prompts, "", w.opt.steps, 9.0, x_T, "pt"), runs)
         finally:
             w.peer.unet = pipe_unet
         row([batch, "diffusers", key, f"{total / batch:.3f}", f"{batch / total:.3f}", f"{w.opt.steps / latent:.1f}"])
@@ -319,7 +336,7 @@ def profile(w) -> None:
 
 
 def blog_table(w) -> None:
-    """Part 7, only with time left: the blog's table (A-E and the peer) in its fresh-process protocol, batch 1,
+    """Part 8, only with time left: the blog's table (A-E and the peer) in its fresh-process protocol, batch 1,
     as ``ldm-benchmark`` runs it (a random checkpoint on disk, one process per run), cut off at the budget."""
     import os
     import sys
@@ -344,7 +361,3 @@ def fewer_flops(w) -> None:
     (ldm.benchmark.fewer_flops), eager, at the window's size; the peer's modules are restored after each method."""
     from ldm.benchmark.fewer_flops import window_part
     window_part(w)
-
-
-PARTS = (("environment", environment), ("checks", checks), ("unet", unet_part), ("end_to_end", end_to_end),
-         ("profile", profile), ("fewer_flops", fewer_flops), ("blog_table", blog_table))
