@@ -195,8 +195,10 @@ def fourier_dim(model_cfg) -> int:
     return next(e.embedder.outdim for e in model_cfg.conditioner.embedders if e.input_key != "txt")
 
 
-def export_sdxl(model_cfg, sd: dict[str, torch.Tensor], out_dir: str) -> str:
-    """Write diffusers' parts of an SDXL base (or refiner: one tower) into ``out_dir``; configs.json last."""
+def sdxl_state_dicts(model_cfg, sd: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict, dict, dict]:
+    """(diffusers' state dict per part, UNet config, VAE config, ``tower_configs``) of an SDXL base (or refiner: one
+    tower) from ``sd`` in either layout, with diffusers' own single-file converters; in the released layout's
+    tensors (views, except bigG's Q/K/V split out of one in_proj)."""
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     from ldm.weights.layout import detect_layout, to_original
@@ -208,12 +210,19 @@ def export_sdxl(model_cfg, sd: dict[str, torch.Tensor], out_dir: str) -> str:
     towers = tower_configs(model_cfg)
     for name, (i, tc) in towers.items():
         prefix = f"conditioner.embedders.{i}."
-        if name == "text_encoder_2":
+        if name == "text_encoder_2":  # bigG: the pooled, projected EOT feature
             stub = SimpleNamespace(config=SimpleNamespace(hidden_size=tc["hidden_size"]))
             parts[name] = convert_open_clip_checkpoint(stub, sd, prefix=prefix + "model.")
-        else:
+        else:  # CLIP ViT-L, all its layers (the pipeline reads hidden_states[-2])
             text = convert_ldm_clip_checkpoint(sd, remove_prefix=prefix + "transformer.")
             parts[name] = {k: v for k, v in text.items() if k.startswith("text_model.")}
+    return parts, unet_cfg, vae_cfg, towers
+
+
+def export_sdxl(model_cfg, sd: dict[str, torch.Tensor], out_dir: str) -> str:
+    """Write diffusers' parts of an SDXL base (or refiner: one tower) into ``out_dir``; configs.json last."""
+    parts, unet_cfg, vae_cfg, towers = sdxl_state_dicts(model_cfg, sd)
+    for name in towers:
         folder = os.path.join(out_dir, "tokenizer" if name == "text_encoder" else "tokenizer_2")
         os.makedirs(folder, exist_ok=True)
         write_tokenizer(folder, "sd1" if name == "text_encoder" else "sd2")

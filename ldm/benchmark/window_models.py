@@ -21,6 +21,7 @@ import torch
 
 from ldm.model.presets import from_name
 from ldm.model.schedule import BUFFER_NAMES
+from ldm.speed.offload import component
 from ldm.speed.runtime import synchronize
 
 # Published rates the estimates are held against (see docs/benchmarks.md): stable-fast on an H100, SD 1.5 at
@@ -84,14 +85,9 @@ def build_ours(preset: str, device: torch.device, seed: int = 0):
     return model.eval().requires_grad_(False)
 
 
-def text_part(model) -> torch.nn.Module:
-    """The text encoder: SDXL's conditioner (both towers), SD 1/2's cond_stage_model."""
-    return model.conditioner if hasattr(model, "conditioner") else model.cond_stage_model
-
-
 def cast_(model, dtype: torch.dtype):
     """UNet, VAE and text encoder to ``dtype`` in place (the schedule tables stay fp32), as load_model casts."""
-    for part in (model.model, model.first_stage_model, text_part(model)):
+    for part in (model.model, model.first_stage_model, component(model, "text")):
         part.to(dtype=dtype)
     return model
 
@@ -121,33 +117,20 @@ def build_peer(model, device: torch.device, dtype: torch.dtype):
 
 def build_sdxl_peer(model, device: torch.device, dtype: torch.dtype):
     """diffusers' StableDiffusionXLPipeline holding the SDXL base ``model``'s weights: the released layout converted in
-    memory with diffusers' single-file converters, tower by tower as ``export.export_sdxl`` writes them; Euler with
+    memory (``export.sdxl_state_dicts``, the conversion ``export.export_sdxl`` writes to disk); Euler with
     "leading" spacing (sgm's start scaling), given our timesteps at each call (tests/test_sdxl_sampling.py)."""
-    from types import SimpleNamespace
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from ldm.benchmark import export
     from ldm.benchmark.peer import load_part, quiet_peer_logs
-    from ldm.weights.layout import to_original
     quiet_peer_logs()
     cfg = model.cfg
-    sd = to_original(model.state_dict())  # views of ours but bigG's Q/K/V, split from one in_proj tensor
-    unet_cfg = export.sdxl_unet_config(cfg.unet, export.fourier_dim(cfg))
-    vae_cfg = export.vae_config(cfg.vae, cfg.scale_factor)
-    parts = {"unet": load_part(lambda: UNet2DConditionModel(**unet_cfg), convert_ldm_unet_checkpoint(sd, unet_cfg)),
-             "vae": load_part(lambda: AutoencoderKL(**vae_cfg), convert_ldm_vae_checkpoint(sd, vae_cfg))}
-    for name, (i, tc) in export.tower_configs(cfg).items():
-        prefix = f"conditioner.embedders.{i}."
-        if name == "text_encoder_2":  # bigG: the pooled, projected EOT feature
-            stub = SimpleNamespace(config=SimpleNamespace(hidden_size=tc["hidden_size"]))
-            weights = convert_open_clip_checkpoint(stub, sd, prefix=prefix + "model.")
-            parts[name] = load_part(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**tc)), weights)
-        else:  # CLIP ViT-L, all its layers (the pipeline reads hidden_states[-2])
-            weights = convert_ldm_clip_checkpoint(sd, remove_prefix=prefix + "transformer.")
-            weights = {k: v for k, v in weights.items() if k.startswith("text_model.")}
-            parts[name] = load_part(lambda: CLIPTextModel(CLIPTextConfig(**tc)), weights)
+    weights, unet_cfg, vae_cfg, towers = export.sdxl_state_dicts(cfg, model.state_dict())
+    parts = {"unet": load_part(lambda: UNet2DConditionModel(**unet_cfg), weights["unet"]),
+             "vae": load_part(lambda: AutoencoderKL(**vae_cfg), weights["vae"])}
+    for name, (_, tc) in towers.items():
+        tower = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+        parts[name] = load_part(lambda: tower(CLIPTextConfig(**tc)), weights[name])
     with tempfile.TemporaryDirectory() as folder:
         for name, kind in (("tokenizer", "sd1"), ("tokenizer_2", "sd2")):
             export.write_tokenizer(folder, kind)
